@@ -1,0 +1,5 @@
+import sys
+
+from pocketzo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,272 @@
+"""Export a Hugging Face model (local dir or GGUF) to a pocketzo bundle.
+
+1. load the model in fp32 and wrap it in a loss head (``heads``);
+2. ``torch.onnx.export(dynamo=True, optimize=False)``: keeps HF parameter names and a tied
+   embedding/lm_head as one initializer;
+3. rename initializers to their canonical HF state-dict names and turn the trainable ones
+   into graph inputs (frozen ones stay initializers: prepacked, quantizable);
+4. write the bundle into a temp dir, check its loss through the device runtime against the
+   plain PyTorch loss, and only then rename it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pocketzo import __version__
+from pocketzo._io import write_json
+from pocketzo.errors import ExportError
+from pocketzo.export import heads
+from pocketzo.runtime import _safetensors
+from pocketzo.runtime.bundle import MANIFEST, Bundle, HeadKind, Manifest, TaskKind, TaskSpec, ValueSpec, layout
+from pocketzo.runtime.session import SessionConfig, TrainingSession
+
+EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    task: TaskKind
+    max_length: int = 256
+    template: str | None = None  # classify on a causal LM: e.g. "Review: {text}\nSentiment:"
+    labels: tuple[str, ...] = ()  # classify: class names; a causal LM scores " <name>"
+    trainable: str = "all"  # "all" or a regex searched in parameter names
+    freeze: str | None = None  # regex of parameter names to keep frozen
+    seed: int = 0  # initialises a new classification head; draws the parity batch
+    parity_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.task not in ("causal-lm", "classify"):
+            raise ExportError(f"task must be 'causal-lm' or 'classify', got {self.task!r}")
+        if self.task == "classify" and len(self.labels) < 2:
+            raise ExportError("--task classify needs --labels with at least two names, e.g. negative,positive")
+        if len(set(self.labels)) != len(self.labels):
+            raise ExportError(f"--labels has duplicates: {list(self.labels)}")
+        if self.template is not None and self.template.count("{text}") != 1:
+            raise ExportError("--template must contain '{text}' exactly once")
+        for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):
+            if pattern and pattern != "all":
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
+
+
+def _say(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def _source_files(model: Path) -> tuple[Path, str | None]:
+    if model.is_file() and model.suffix == ".gguf":
+        return model.parent, model.name
+    if model.is_dir() and (model / "config.json").is_file():
+        return model, None
+    raise ExportError(f"{model}: not a Hugging Face model directory (no config.json) or a .gguf file")
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _load(model: Path, config: ExportConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    directory, gguf = _source_files(model)
+    kw = {"gguf_file": gguf} if gguf else {}
+    hf_config = AutoConfig.from_pretrained(directory, **kw)
+    causal = any(a.endswith("ForCausalLM") for a in (hf_config.architectures or []))
+    if config.task == "causal-lm" and not causal:
+        raise ExportError(f"{model}: --task causal-lm needs a causal LM (config.architectures: "
+                          f"{hf_config.architectures})")
+    head: HeadKind = "lm" if config.task == "causal-lm" else ("prompt" if causal else "head")
+    torch.manual_seed(config.seed)  # a new classification head is initialised reproducibly
+    if causal:
+        net = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                   attn_implementation="eager", **kw)
+    else:
+        net = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=len(config.labels), dtype=torch.float32, attn_implementation="eager",
+            id2label=dict(enumerate(config.labels)), label2id={n: i for i, n in enumerate(config.labels)}, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
+    if not tokenizer.is_fast:
+        raise ExportError(f"{model}: no fast tokenizer (tokenizer.json) could be built; the device needs one")
+    weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")) if not gguf \
+        else [directory / gguf]
+    source = {"name": model.name, "model_type": hf_config.model_type, "sha256": _sha256(weights),
+              "files": [p.name for p in weights]}
+    return net.eval(), tokenizer, head, source
+
+
+def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
+    token_ids: tuple[int, ...] = ()
+    if head == "prompt":
+        if config.template is None:
+            raise ExportError('classify on a causal LM needs --template, e.g. "Review: {text}\\nSentiment:"')
+        token_ids = tuple(tokenizer.encode(" " + name, add_special_tokens=False)[0] for name in config.labels)
+        if len(set(token_ids)) != len(token_ids):
+            raise ExportError(f"labels {list(config.labels)} share their first token {token_ids}; "
+                              "choose label words that start differently")
+    return TaskSpec(config.task, head, config.max_length, config.template if head == "prompt" else None,
+                    tuple(config.labels) if config.task == "classify" else (), token_ids)
+
+
+def _select(net: torch.nn.Module, config: ExportConfig) -> list[str]:
+    names = [n for n, _ in net.named_parameters()]
+    chosen = [n for n in names if config.trainable == "all" or re.search(config.trainable, n)]
+    if config.freeze:
+        chosen = [n for n in chosen if not re.search(config.freeze, n)]
+    if not chosen:
+        raise ExportError(f"--trainable {config.trainable!r} / --freeze {config.freeze!r} select no parameter; "
+                          f"names look like {names[:3]}")
+    return chosen
+
+
+def _sample_batch(task: TaskSpec, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    b, t = 3, min(16, task.max_length)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 3, 5)):
+        if pad:
+            mask[row, -pad:] = 0
+    if task.kind == "classify":
+        labels = torch.randint(0, len(task.labels), (b,), generator=g)
+    else:
+        labels = ids.masked_fill(mask == 0, heads.IGNORE)
+    return ids, mask, labels
+
+
+def _lift_trainable(model: onnx.ModelProto, net: torch.nn.Module, trainable: list[str]) -> list[str]:
+    """Rename initializers to canonical HF names; make the trainable ones graph inputs."""
+    graph = model.graph
+    canonical = {}
+    first: dict[int, str] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(p), name)
+    rename = {}
+    for init in graph.initializer:
+        bare = init.name.removeprefix("net.")
+        rename[init.name] = canonical.get(bare, bare)
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ExportError(f"the exported graph has a control-flow node {node.op_type}; not supported yet")
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    for init in graph.initializer:
+        init.name = rename[init.name]
+    present = {init.name: init for init in graph.initializer}
+    wanted = set(trainable)
+    lifted = [n for n in trainable if n in present]
+    for missing in wanted - set(lifted):
+        _say(f"warning: {missing} is not used by the loss graph; left out of the trainable set")
+    kept = [init for init in graph.initializer if init.name not in wanted]
+    params = dict(net.named_parameters())
+    for name in lifted:
+        init = present[name]
+        if tuple(init.dims) != tuple(params[name].shape) or init.data_type != onnx.TensorProto.FLOAT:
+            raise ExportError(f"graph tensor {name} is {list(init.dims)}, but the model's is "
+                              f"{list(params[name].shape)}")
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(init.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return lifted
+
+
+def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, overwrite: bool = False) -> Manifest:
+    """Write a bundle for ``model`` at ``out`` and return its manifest."""
+    model, out = Path(model), Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out}: exists; choose another --out or pass --overwrite")
+    _say(f"loading {model}")
+    net, tokenizer, head, source = _load(model, config)
+    task = _task_spec(config, head, tokenizer)
+    trainable = _select(net, config)
+    wrapper = {"lm": lambda: heads.CausalLMLoss(net), "head": lambda: heads.SequenceClassifierLoss(net),
+               "prompt": lambda: heads.PromptClassifierLoss(net, list(task.label_token_ids))}[head]()
+    sample = _sample_batch(task, len(tokenizer), config.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _say("tracing the loss graph with torch.onnx (dynamo)")
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        label_axes = {0: batch} if task.kind == "classify" else {0: batch, 1: seq}
+        onnx_program = torch.onnx.export(
+            wrapper, sample, dynamo=True, optimize=False, verbose=False,
+            input_names=["input_ids", "attention_mask", "labels"], output_names=list(wrapper.outputs),
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                            "labels": label_axes},
+        )
+        proto = onnx_program.model_proto
+        lifted = _lift_trainable(proto, net, trainable)
+        params = dict(net.named_parameters())
+        specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
+        frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
+        external = frozen_bytes > EXTERNAL_DATA_BYTES
+        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        _safetensors.save(tmp / "trainable.safetensors",
+                          {s.name: params[s.name].detach().float().numpy() for s in specs},
+                          {"format": "pt", "producer": "pocketzo"})
+        tok_dir = tmp / ".tokenizer"
+        tokenizer.save_pretrained(tok_dir)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.move(tok_dir / name, tmp / name)
+        shutil.rmtree(tok_dir)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        label_shape = ("batch",) if task.kind == "classify" else ("batch", "seq")
+        out_shapes = {"loss": (), "example_loss": ("batch",), "candidate_loss": ("batch", len(task.labels))}
+        manifest = Manifest(
+            task=task,
+            inputs=(ValueSpec("input_ids", "int64", ("batch", "seq")),
+                    ValueSpec("attention_mask", "int64", ("batch", "seq")),
+                    ValueSpec("labels", "int64", label_shape)),
+            outputs=tuple(ValueSpec(n, "float32", out_shapes[n]) for n in wrapper.outputs),
+            trainable=specs, buffer_elements=buffer_elements, pad_token_id=int(pad), source=source,
+            export={"config": asdict(config), "pocketzo": __version__, "torch": torch.__version__,
+                    "onnx_opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                    "external_data": external},
+        )
+        write_json(tmp / MANIFEST, manifest.to_json())
+        _say("checking parity: ONNX Runtime vs PyTorch")
+        parity = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
+        manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": parity}})
+        write_json(tmp / MANIFEST, manifest.to_json())
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _say(f"wrote {out} ({len(specs)} trainable tensors, {sum(s.numel for s in specs):,} parameters; "
+         f"parity error {parity['abs_error']:.2e})")
+    return manifest
+
+
+def _check_parity(bundle_dir: Path, net, head: HeadKind, sample, task: TaskSpec, tolerance: float) -> dict:
+    ids, mask, labels = sample
+    session = TrainingSession(Bundle(bundle_dir), SessionConfig(threads=1))
+    got = float(session.run(ids.numpy(), mask.numpy(), labels.numpy())["loss"])
+    want = float(heads.reference_loss(net, head, ids, mask, labels, task.label_token_ids))
+    err = abs(got - want)
+    if not err <= tolerance:
+        raise ExportError(f"the exported loss {got:.6f} differs from PyTorch's {want:.6f} by {err:.2e} "
+                          f"(> {tolerance:g}); this architecture is not supported as exported")
+    return {"loss_onnx": got, "loss_torch": want, "abs_error": err, "batch": list(ids.shape)}

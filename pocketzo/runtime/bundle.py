@@ -1,0 +1,202 @@
+"""The bundle: the one contract between the desktop exporter and the device runtime.
+
+A bundle is a directory (documented in docs/bundle.md)::
+
+    manifest.json            this module's ``Manifest``, with ``format_version``
+    model.onnx               loss graph; trainable weights are graph inputs
+    model.onnx.data          frozen weights as external data (large models only)
+    trainable.safetensors    initial values of the trainable tensors, HF names
+    tokenizer.json           a `tokenizers` tokenizer (+ any HF tokenizer files)
+
+The device side reads it with numpy + onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pocketzo.errors import BundleError
+
+FORMAT = "pocketzo-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
+
+TaskKind = Literal["causal-lm", "classify"]
+# How the in-graph loss is formed:
+#   lm      - next-token cross-entropy over every labelled position (causal-lm)
+#   prompt  - cross-entropy of each label word's first token at the last prompt position (classify, decoder)
+#   head    - cross-entropy of a sequence-classification head (classify, encoder)
+HeadKind = Literal["lm", "prompt", "head"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: TaskKind
+    head: HeadKind
+    max_length: int
+    template: str | None = None  # prompt head: contains "{text}" once
+    labels: tuple[str, ...] = ()  # class names in class-index order (classify)
+    label_token_ids: tuple[int, ...] = ()  # prompt head: first token of " <label>"
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise BundleError(f"max_length must be >= 2, got {self.max_length}")
+        if self.kind == "classify" and len(self.labels) < 2:
+            raise BundleError("a classify task needs at least two labels")
+        if self.head == "prompt" and (
+            self.template is None or self.template.count("{text}") != 1
+            or len(self.label_token_ids) != len(self.labels)
+        ):
+            raise BundleError("a prompt head needs a template with one '{text}' and one token per label")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A trainable tensor: its place in the flat float32 buffer (offset in elements)."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    decay: bool  # weight decay applies (matrices); biases and norm weights (1-D) are exempt
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    """A graph input or output: name, element type and (symbolic) shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    task: TaskSpec
+    inputs: tuple[ValueSpec, ...]
+    outputs: tuple[ValueSpec, ...]
+    trainable: tuple[TensorSpec, ...]
+    buffer_elements: int  # flat buffer length, including alignment padding
+    pad_token_id: int
+    source: dict[str, Any]  # name, model_type, sha256 of the source weights
+    export: dict[str, Any] = field(default_factory=dict)  # exporter config, versions, parity error
+    model_file: str = "model.onnx"
+    trainable_file: str = "trainable.safetensors"
+    tokenizer_file: str = "tokenizer.json"
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (tuples become lists), so ``from_json(to_json())`` round-trips."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = MANIFEST) -> Manifest:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise BundleError(f"{where}: not a pocketzo bundle manifest")
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: bundle format_version {version!r}, this pocketzo reads {FORMAT_VERSION}; "
+                "re-export the model with this version of pocketzo"
+            )
+        try:
+            task = obj["task"]
+            return cls(
+                task=TaskSpec(**{**task, "labels": tuple(task.get("labels", ())),
+                                 "label_token_ids": tuple(task.get("label_token_ids", ()))}),
+                inputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["inputs"]),
+                outputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["outputs"]),
+                trainable=tuple(
+                    TensorSpec(t["name"], tuple(int(d) for d in t["shape"]), int(t["offset"]), bool(t["decay"]),
+                               t.get("dtype", "float32"))
+                    for t in obj["trainable"]
+                ),
+                buffer_elements=int(obj["buffer_elements"]),
+                pad_token_id=int(obj["pad_token_id"]),
+                source=dict(obj["source"]),
+                export=dict(obj.get("export", {})),
+                model_file=obj["model_file"],
+                trainable_file=obj["trainable_file"],
+                tokenizer_file=obj["tokenizer_file"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    def validate_layout(self, where: str = MANIFEST) -> None:
+        """Tensors must be float32, aligned, in order, non-overlapping and inside the buffer."""
+        end = 0
+        for t in self.trainable:
+            if t.dtype != "float32":
+                raise BundleError(f"{where}: trainable tensor {t.name!r} is {t.dtype}; only float32 is supported")
+            if t.offset % ALIGN_ELEMENTS or t.offset < end:
+                raise BundleError(f"{where}: trainable tensor {t.name!r} has a bad offset {t.offset}")
+            end = t.offset + t.numel
+        if end > self.buffer_elements:
+            raise BundleError(f"{where}: trainable tensors overflow the buffer ({end} > {self.buffer_elements})")
+
+
+def layout(named_shapes: list[tuple[str, tuple[int, ...], bool]]) -> tuple[tuple[TensorSpec, ...], int]:
+    """Place tensors one after another, each on a 64-byte boundary; return specs and buffer length."""
+    specs, offset = [], 0
+    for name, shape, decay in named_shapes:
+        spec = TensorSpec(name, tuple(shape), offset, decay)
+        specs.append(spec)
+        offset += -(-spec.numel // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    return tuple(specs), offset
+
+
+class Bundle:
+    """An opened, validated bundle directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise BundleError(f"{self.path}: bundle directory not found; create one with `pocketzo export`")
+        try:
+            obj = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BundleError(f"{manifest_path}: missing; is {self.path} a bundle made by `pocketzo export`?") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{manifest_path}: corrupt JSON ({e}); re-export the bundle") from None
+        self.manifest = Manifest.from_json(obj, str(manifest_path))
+        self.manifest.validate_layout(str(manifest_path))
+        for name in (self.manifest.model_file, self.manifest.trainable_file, self.manifest.tokenizer_file):
+            self._member(name)
+
+    def _member(self, name: str) -> Path:
+        """Resolve a file named by the manifest, refusing anything outside the bundle directory."""
+        p = (self.path / name).resolve()
+        if Path(name).is_absolute() or self.path.resolve() not in p.parents:
+            raise BundleError(f"{self.path / MANIFEST}: file name {name!r} points outside the bundle")
+        if not p.is_file():
+            raise BundleError(f"{p}: missing from the bundle; re-export it")
+        return p
+
+    @property
+    def model_path(self) -> Path:
+        return self._member(self.manifest.model_file)
+
+    @property
+    def trainable_path(self) -> Path:
+        return self._member(self.manifest.trainable_file)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self._member(self.manifest.tokenizer_file)
+
+    @property
+    def task(self) -> TaskSpec:
+        return self.manifest.task

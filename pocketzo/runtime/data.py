@@ -1,0 +1,158 @@
+"""JSONL data -> token ids -> padded batches, as the bundle's task expects them.
+
+Rows are ``{"text": ...}`` (causal-lm; an optional ``"prompt"`` prefix gets no loss) or
+``{"text": ..., "label": ...}`` (classify; ``label`` is one of the bundle's labels).
+Batches are right-padded to their longest row. ``tokenizers`` is imported here only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from pocketzo.errors import DataError
+from pocketzo.runtime.bundle import Bundle, TaskSpec
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: npt.NDArray[np.int64]  # (B, T)
+    attention_mask: npt.NDArray[np.int64]  # (B, T)
+    labels: npt.NDArray[np.int64]  # (B, T) token targets for causal-lm, (B,) class indices for classify
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Tokenized rows of one file."""
+
+    path: Path
+    ids: tuple[npt.NDArray[np.int64], ...]
+    targets: tuple[npt.NDArray[np.int64], ...] | npt.NDArray[np.int64]  # per-row token labels, or class ids
+    n_truncated: int
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def classes(self) -> npt.NDArray[np.int64] | None:
+        return self.targets if isinstance(self.targets, np.ndarray) else None
+
+    def batch(self, indices: Sequence[int] | npt.NDArray[np.integer]) -> Batch:
+        """Right-pad the rows at ``indices`` to the longest of them."""
+        rows = [self.ids[i] for i in indices]
+        t = max(len(r) for r in rows)
+        ids = np.full((len(rows), t), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), t), dtype=np.int64)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = r
+            mask[j, : len(r)] = 1
+        if isinstance(self.targets, np.ndarray):
+            labels = self.targets[np.asarray(indices)]
+        else:
+            labels = np.full((len(rows), t), IGNORE, dtype=np.int64)
+            for j, i in enumerate(indices):
+                labels[j, : len(self.targets[i])] = self.targets[i]
+        return Batch(ids, mask, labels)
+
+    def lengths(self) -> npt.NDArray[np.int64]:
+        return np.array([len(r) for r in self.ids], dtype=np.int64)
+
+
+def read_jsonl(path: str | Path, task: TaskSpec) -> list[dict]:
+    """Read and check every row; errors name the file and 1-based line and say what to fix."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    rows = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not valid UTF-8; re-save the file as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(f'{where}: each row needs a non-empty string "text"')
+        if task.kind == "classify" and row.get("label") not in task.labels:
+            raise DataError(
+                f"{where}: label {row.get('label')!r} is not one of the bundle's labels {list(task.labels)}"
+            )
+        if "prompt" in row and not isinstance(row["prompt"], str):
+            raise DataError(f'{where}: "prompt" must be a string')
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows; the file is empty")
+    return rows
+
+
+class TextEncoder:
+    """Turns rows into token ids exactly as the bundle's task was exported."""
+
+    def __init__(self, bundle: Bundle):
+        from tokenizers import Tokenizer  # lazy: only code that tokenizes text needs it
+
+        self.task = bundle.task
+        self.pad_token_id = bundle.manifest.pad_token_id
+        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        if self.task.head == "prompt":
+            tail = self.task.template.split("{text}", 1)[1]
+            self._tail_len = len(self.tokenizer.encode(tail, add_special_tokens=False).ids) if tail else 0
+        elif self.task.head == "head":
+            self._closing = self._ids("")[-1:]  # e.g. [SEP]: kept when an encoder input is cut
+
+    def _ids(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
+
+    def encode(self, row: dict) -> tuple[np.ndarray, np.ndarray | int, bool]:
+        """Return ``(ids, target, truncated)`` for one checked row."""
+        task, n = self.task, self.task.max_length
+        if task.kind == "classify":
+            target = task.labels.index(row["label"])
+            if task.head == "prompt":
+                ids = self._ids(task.template.replace("{text}", row["text"]))
+                # Keep the template's tail (the answer cue) when cutting an over-long text.
+                cut = len(ids) > n
+                if cut:
+                    ids = ids[: n - self._tail_len] + ids[len(ids) - self._tail_len :]
+            else:
+                ids = self._ids(row["text"])
+                cut = len(ids) > n
+                if cut:
+                    ids = ids[: n - len(self._closing)] + self._closing
+            return np.asarray(ids, np.int64), target, cut
+        prompt = self._ids(row["prompt"]) if row.get("prompt") else []
+        text = self._ids(row["text"], special=not prompt)
+        ids = prompt + text
+        labels = [IGNORE] * len(prompt) + text
+        cut = len(ids) > n
+        return np.asarray(ids[:n], np.int64), np.asarray(labels[:n], np.int64), cut
+
+    def dataset(self, path: str | Path) -> Dataset:
+        rows = read_jsonl(path, self.task)
+        encoded = [self.encode(r) for r in rows]
+        ids = tuple(e[0] for e in encoded)
+        for lineno, (r, e) in enumerate(zip(rows, encoded, strict=True), 1):
+            if self.task.kind == "causal-lm" and (e[1] != IGNORE).sum() < 2:
+                raise DataError(f"{path}: row {lineno} ({r['text'][:30]!r}) has fewer than 2 tokens to learn from")
+        targets = (np.array([e[1] for e in encoded], np.int64) if self.task.kind == "classify"
+                   else tuple(e[1] for e in encoded))
+        return Dataset(Path(path), ids, targets, sum(e[2] for e in encoded), self.pad_token_id)

@@ -1,0 +1,136 @@
+"""ONNX Runtime session over a bundle, with every trainable tensor in one flat buffer bound zero-copy.
+
+Each tensor is a numpy view into one 64-byte-aligned float32 buffer and is bound ONCE to the
+session's IOBinding as an OrtValue over that memory. Editing the buffer in place (the ZO
+trainer's perturbations) is therefore seen by the very next run, with no copy and no rebind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from pocketzo.runtime import _safetensors
+from pocketzo.runtime.bundle import Bundle, TensorSpec
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime settings for a training (or evaluation) session."""
+
+    threads: int = 0  # intra-op threads; 0 lets ONNX Runtime choose (one per core)
+    cpu_mem_arena: bool = True
+    mem_pattern: bool = True
+    optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    log_severity: int = 3  # 0 verbose .. 4 fatal
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.optimization not in _OPT_LEVELS:
+            raise ValueError(f"optimization must be one of {sorted(_OPT_LEVELS)}, got {self.optimization!r}")
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = self.cpu_mem_arena
+        so.enable_mem_pattern = self.mem_pattern
+        so.graph_optimization_level = _OPT_LEVELS[self.optimization]
+        so.log_severity_level = self.log_severity
+        return so
+
+
+def aligned_empty(n: int, alignment: int = 64) -> npt.NDArray[np.float32]:
+    """An uninitialised float32 array of ``n`` elements whose data starts on an ``alignment``-byte boundary."""
+    raw = np.empty(n * 4 + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + n * 4].view(np.float32)
+
+
+class FlatParameters:
+    """All trainable tensors in one aligned float32 buffer, with a named view per tensor."""
+
+    def __init__(self, specs: Sequence[TensorSpec], buffer_elements: int):
+        self.specs = tuple(specs)
+        self.buffer = aligned_empty(buffer_elements)
+        self.buffer[:] = 0.0  # alignment padding stays zero forever
+        self.views = {
+            s.name: self.buffer[s.offset : s.offset + s.numel].reshape(s.shape) for s in self.specs
+        }
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, weights: str | Path | None = None) -> FlatParameters:
+        """The bundle's initial weights, or those of ``weights`` (a run's weights.safetensors)."""
+        params = cls(bundle.manifest.trainable, bundle.manifest.buffer_elements)
+        params.load(weights if weights is not None else bundle.trainable_path)
+        return params
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.specs)
+
+    def load(self, path: str | Path) -> None:
+        _safetensors.read_into(path, self.views)
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        _safetensors.save(path, self.views, metadata)
+
+    def segments(self, decay: bool | None = None) -> list[tuple[int, int]]:
+        """``(start, end)`` element ranges of the tensors (only those with ``decay`` if given)."""
+        return [(s.offset, s.offset + s.numel) for s in self.specs if decay is None or s.decay == decay]
+
+
+class TrainingSession:
+    """Runs the bundle's loss graph with the trainable tensors bound once from ``params``."""
+
+    def __init__(self, bundle: Bundle, config: SessionConfig | None = None, params: FlatParameters | None = None):
+        self.bundle = bundle
+        self.config = config or SessionConfig()
+        self.params = params if params is not None else FlatParameters.from_bundle(bundle)
+        self.session = ort.InferenceSession(
+            str(bundle.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
+        )
+        self._binding = self.session.io_binding()
+        # The OrtValues must outlive the binding: keep them on self.
+        self._weights = {
+            name: ort.OrtValue.ortvalue_from_numpy(view) for name, view in self.params.views.items()
+        }
+        for name, value in self._weights.items():
+            self._binding.bind_ortvalue_input(name, value)
+
+    def weight_pointer(self, name: str) -> int:
+        """Data address of the OrtValue bound for ``name`` (equals the buffer view's address)."""
+        return self._weights[name].data_ptr()
+
+    def run(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        labels: npt.NDArray[np.int64],
+        outputs: Sequence[str] = ("loss",),
+    ) -> dict[str, np.ndarray]:
+        """One forward pass over the current contents of the flat buffer."""
+        b = self._binding
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.int64))
+        # Outputs are re-bound unallocated each run: their shapes follow the batch.
+        b.clear_binding_outputs()
+        for name in outputs:
+            b.bind_output(name, "cpu")
+        self.session.run_with_iobinding(b)
+        return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))

@@ -1,0 +1,21 @@
+"""Device side: zeroth-order (MeZO / SPSA) training over a bundle's flat weight buffer."""
+
+from pocketzo.zo_trainer.config import TrainConfig
+from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
+from pocketzo.zo_trainer.noise import Perturber
+from pocketzo.zo_trainer.run import BatchSampler, read_log, train
+from pocketzo.zo_trainer.trainer import StepRecord, ZOTrainer, replay, step_seed
+
+__all__ = [
+    "BatchSampler",
+    "EvalResult",
+    "Perturber",
+    "StepRecord",
+    "TrainConfig",
+    "ZOTrainer",
+    "evaluate",
+    "read_log",
+    "replay",
+    "step_seed",
+    "train",
+]

@@ -1,0 +1,68 @@
+"""Training configuration and schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
+
+Schedule = Literal["constant", "linear", "cosine"]
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a ZO-SGD run; saved as ``config.json`` in the run directory."""
+
+    steps: int
+    lr: float = 1e-4
+    eps: float = 1e-3
+    batch_size: int = 16
+    perturbation: Distribution = "rademacher"
+    seed: int = 0
+    threads: int = 0  # 0 = one per CPU core; used by ONNX Runtime and by the noise passes
+    weight_decay: float = 0.0  # decoupled; only tensors with decay=True in the manifest (matrices)
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    eval_batch_size: int = 32
+    noise_chunk: int = CHUNK_ELEMENTS  # recorded so a replay can check it uses the same noise
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 0, "steps must be >= 0"),
+            (self.lr >= 0 and math.isfinite(self.lr), "lr must be a finite number >= 0"),
+            (self.eps > 0 and math.isfinite(self.eps), "eps must be a finite number > 0"),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
+            (self.perturbation in ("rademacher", "gaussian"), "perturbation must be rademacher or gaussian"),
+            (self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine"),
+            (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (self.threads >= 0 and self.warmup_steps >= 0 and self.eval_every >= 0,
+             "threads, warmup_steps and eval_every must be >= 0"),
+            (0 <= self.weight_decay < 1, "weight_decay must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based ``step``: linear warm-up, then the schedule's decay to 0."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TrainConfig:
+        return cls(**obj)

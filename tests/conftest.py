@@ -1,0 +1,113 @@
+"""Tiny random-initialised models (built from configs) and their bundles, shared by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORDS = ("<pad> <unk> <s> </s> [CLS] [SEP] the a film movie plot acting good great fun moving bad awful dull "
+         "boring review sentiment : was is and of it negative positive").split()
+POSITIVE, NEGATIVE = ("good", "great", "fun", "moving"), ("bad", "awful", "dull", "boring")
+TEMPLATE = "review : {text} sentiment :"
+LABELS = ("negative", "positive")
+
+
+def _tokenizer(encoder: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if encoder:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def make_model(kind: str, path: Path) -> Path:
+    """Save a tiny random model of ``kind`` (llama, opt, bert) with a word-level tokenizer."""
+    import torch
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM)
+
+    torch.manual_seed(0)
+    v = len(WORDS)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0,
+            bos_token_id=2, eos_token_id=3))
+    elif kind == "opt":
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=v, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    elif kind == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, num_labels=2, pad_token_id=0))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    _tokenizer(kind == "bert").save_pretrained(path)
+    return path
+
+
+def write_sentiment(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            label = LABELS[int(rng.integers(2))]
+            words = POSITIVE if label == "positive" else NEGATIVE
+            w1, w2 = rng.choice(words, 2)
+            f.write(json.dumps({"text": f"the film was {w1} and the plot is {w2}", "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {k: make_model(k, root / k) for k in ("llama", "opt", "bert")}
+
+
+EXPORTS = {
+    # name: (model, task, template, trainable)
+    "llama-classify": ("llama", "classify", TEMPLATE, "all"),
+    "llama-causal": ("llama", "causal-lm", None, "all"),
+    "opt-classify": ("opt", "classify", TEMPLATE, "all"),
+    "opt-causal": ("opt", "causal-lm", None, "all"),
+    "bert-classify": ("bert", "classify", None, "all"),
+    "llama-norms": ("llama", "classify", TEMPLATE, r"norm\.weight$"),
+}
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_models, tmp_path_factory):
+    """Export lazily, once per session: ``bundles("llama-classify") -> Path``."""
+    from pocketzo.export import ExportConfig, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            model, task, template, trainable = EXPORTS[name]
+            labels = LABELS if task == "classify" else ()
+            export_bundle(tiny_models[model], root / name, ExportConfig(
+                task=task, template=template, labels=labels, trainable=trainable, max_length=32))
+            made[name] = root / name
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"train": write_sentiment(root / "train.jsonl", 256, 1), "dev": write_sentiment(root / "dev.jsonl", 64, 2)}

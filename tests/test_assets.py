@@ -1,0 +1,307 @@
+"""Unit tests of pocketzo.export.assets that need no network and no model."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pocketzo.errors import AssetError
+from pocketzo.export import assets
+from pocketzo.export.assets import (
+    Assets,
+    RawFile,
+    Row,
+    SplitConfig,
+    atomic_dir,
+    atomic_write,
+    dedupe_rows,
+    default_cache_dir,
+    ensure_raw_file,
+    ensure_rotten_tomatoes,
+    extract_member,
+    read_rotten_tomatoes,
+    split_balanced,
+    verify_sha256,
+)
+
+SMALL = SplitConfig(seed=7, n_test_per_class=3, n_dev_per_class=2)
+
+
+def _rows(n_pos: int, n_neg: int) -> list[Row]:
+    return [(f"good film number {i}", "positive") for i in range(n_pos)] + [
+        (f"bad film number {i}", "negative") for i in range(n_neg)
+    ]
+
+
+def _texts(rows: tuple[Row, ...]) -> set[str]:
+    return {text for text, _ in rows}
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_is_balanced_and_downsamples_train() -> None:
+    split = split_balanced(_rows(30, 20), SMALL)
+    assert Counter(label for _, label in split.test) == {"positive": 3, "negative": 3}
+    assert Counter(label for _, label in split.dev) == {"positive": 2, "negative": 2}
+    # negatives left after test+dev: 20 - 5 = 15, so train takes 15 of each class
+    assert Counter(label for _, label in split.train) == {"positive": 15, "negative": 15}
+
+
+def test_split_parts_are_disjoint_and_come_from_the_input() -> None:
+    rows = _rows(30, 20)
+    split = split_balanced(rows, SMALL)
+    train, dev, test = _texts(split.train), _texts(split.dev), _texts(split.test)
+    assert not (train & dev) and not (train & test) and not (dev & test)
+    assert train | dev | test <= set(dict(rows))
+    assert set(split.train) | set(split.dev) | set(split.test) <= set(rows)  # labels kept
+
+
+def test_split_is_deterministic_and_ignores_input_order_and_whitespace() -> None:
+    rows = _rows(30, 20)
+    messy = [(f"  {text.replace(' ', '   ')}\n", label) for text, label in reversed(rows)]
+    first = split_balanced(rows, SMALL)
+    again = split_balanced(messy, SMALL)
+    assert (first.train, first.dev, first.test) == (again.train, again.dev, again.test)
+    other = split_balanced(rows, SplitConfig(seed=8, n_test_per_class=3, n_dev_per_class=2))
+    assert (first.train, first.test) != (other.train, other.test)
+
+
+def test_split_train_is_shuffled_not_grouped_by_label() -> None:
+    labels = [label for _, label in split_balanced(_rows(60, 60), SMALL).train]
+    changes = sum(a != b for a, b in zip(labels, labels[1:]))
+    assert changes > 5  # grouped by class would give exactly 1
+
+
+def test_dedup_drops_conflicting_texts_duplicates_and_empty() -> None:
+    rows = [
+        ("Great  movie", "positive"),
+        ("Great movie ", "positive"),  # same after whitespace normalization
+        ("Mixed bag", "positive"),
+        ("Mixed  bag", "negative"),  # same text with the other label: both dropped
+        ("   ", "negative"),
+        ("Awful", "negative"),
+    ]
+    deduped = dedupe_rows(rows)
+    assert deduped.rows == (("Awful", "negative"), ("Great movie", "positive"))
+    assert (deduped.n_input, deduped.n_empty, deduped.n_duplicates, deduped.n_conflicting_texts) == (6, 1, 1, 1)
+
+
+def test_split_never_puts_a_conflicting_text_anywhere() -> None:
+    rows = _rows(20, 20) + [("good film number 3", "negative")]
+    split = split_balanced(rows, SMALL)
+    assert "good film number 3" not in _texts(split.train) | _texts(split.dev) | _texts(split.test)
+
+
+def test_split_too_small_class_raises() -> None:
+    with pytest.raises(AssetError, match="negative"):
+        split_balanced(_rows(30, 5), SMALL)  # needs 3 + 2 + 1 negatives after dedup
+
+
+def test_split_single_label_raises() -> None:
+    with pytest.raises(AssetError, match="two labels"):
+        split_balanced(_rows(30, 0), SMALL)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _write_csv_bz2(path: Path, records: list[tuple[str, str, str]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+    for category, text, movie in records:
+        writer.writerow([category, text, movie, "True"])
+    path.write_bytes(bz2.compress(buffer.getvalue().encode("utf-8")))
+
+
+def test_read_rotten_tomatoes_maps_labels_and_drops_plot(tmp_path: Path) -> None:
+    path = tmp_path / "rt.csv.bz2"
+    _write_csv_bz2(
+        path,
+        [("plot", "A man\nwalks.", "m1"), ("fresh", "Lovely, warm.", "m1"), ("rotten", "Dull — très.", "m2")],
+    )
+    assert read_rotten_tomatoes(path) == [("Lovely, warm.", "positive"), ("Dull — très.", "negative")]
+
+
+def test_read_rotten_tomatoes_unknown_category_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "rt.csv.bz2"
+    _write_csv_bz2(path, [("fresh", "ok", "m"), ("meh", "hmm", "m")])
+    with pytest.raises(AssetError, match="rt.csv.bz2.*'meh'"):
+        read_rotten_tomatoes(path)
+
+
+def test_read_rotten_tomatoes_not_bz2_raises(tmp_path: Path) -> None:
+    path = tmp_path / "rt.csv.bz2"
+    path.write_text("category,text,movie_name\nfresh,ok,m\n", encoding="utf-8")
+    with pytest.raises(AssetError, match="rt.csv.bz2"):
+        read_rotten_tomatoes(path)
+
+
+def test_ensure_rotten_tomatoes_writes_once_and_rebuilds_when_tampered(tmp_path: Path) -> None:
+    csv_path = tmp_path / "rt.csv.bz2"
+    records = [("fresh", f"nice {i}", "m") for i in range(12)] + [("rotten", f"poor {i}", "m") for i in range(9)]
+    _write_csv_bz2(csv_path, records + [("plot", "story", "m")])
+    cache = tmp_path / "cache"
+    out = ensure_rotten_tomatoes(cache, csv_path, config=SMALL)
+    assert _listing(out) == ["dev.jsonl", "split.json", "test.jsonl", "train.jsonl"]
+    lines = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert Counter(json.loads(line)["label"] for line in lines) == {"positive": 4, "negative": 4}
+    meta = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert meta["seed"] == 7 and meta["counts"]["test"] == {"negative": 3, "positive": 3, "total": 6}
+
+    logs: list[str] = []
+    ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
+    assert logs == []  # complete: skipped
+
+    (out / "dev.jsonl").write_text('{"text": "x", "label": "positive"}\n', encoding="utf-8")
+    ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
+    assert logs and len((out / "dev.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert _listing(cache / "data") == ["rotten_tomatoes"]  # no temp dirs left behind
+
+
+# --------------------------------------------------------------------------- hashes and wheels
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_verify_sha256_accepts_good_and_rejects_tampered_file(tmp_path: Path) -> None:
+    path = tmp_path / "hamlet.txt"
+    path.write_bytes(b"To be, or not to be")
+    verify_sha256(path, _sha(b"To be, or not to be"), cache_dir=tmp_path)
+    path.write_bytes(b"To be, or not to be!")
+    with pytest.raises(AssetError) as info:
+        verify_sha256(path, _sha(b"To be, or not to be"), cache_dir=tmp_path)
+    message = str(info.value)
+    assert "hamlet.txt" in message and _sha(b"To be, or not to be") in message
+    assert _sha(b"To be, or not to be!") in message and "delete" in message
+
+
+def test_verify_sha256_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(AssetError, match="missing"):
+        verify_sha256(tmp_path / "nope.bin", _sha(b""), cache_dir=tmp_path)
+
+
+def _fake_wheel(cache: Path, member: str, data: bytes) -> Path:
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True)
+    wheel = wheels / "fake_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, data)
+        archive.writestr("fake_pkg/other.txt", b"other")
+    return wheel
+
+
+def test_extract_member_wrong_hash_leaves_nothing(tmp_path: Path) -> None:
+    wheel = _fake_wheel(tmp_path, "fake_pkg/data.txt", b"payload")
+    spec = RawFile("fake-pkg", "1.0", "fake_pkg/data.txt", _sha(b"something else"))
+    dest = tmp_path / "raw" / "data.txt"
+    with pytest.raises(AssetError, match="fake_pkg/data.txt.*expected"):
+        extract_member(wheel, spec, dest, cache_dir=tmp_path)
+    assert _listing(dest.parent) == []
+
+
+def test_extract_member_missing_member_raises(tmp_path: Path) -> None:
+    wheel = _fake_wheel(tmp_path, "fake_pkg/data.txt", b"payload")
+    spec = RawFile("fake-pkg", "1.0", "fake_pkg/absent.txt", _sha(b"payload"))
+    with pytest.raises(AssetError, match="absent.txt"):
+        extract_member(wheel, spec, tmp_path / "out.txt", cache_dir=tmp_path)
+
+
+def test_ensure_raw_file_extracts_and_repairs_a_tampered_copy(tmp_path: Path) -> None:
+    payload = os.urandom(3 * (1 << 20) + 17)  # spans several read chunks
+    _fake_wheel(tmp_path, "fake_pkg/data.bin", payload)  # already in wheels/: pip is not called
+    spec = RawFile("fake-pkg", "1.0", "fake_pkg/data.bin", _sha(payload))
+    path = ensure_raw_file(tmp_path, spec)
+    assert path == tmp_path / "raw" / "fake_pkg" / "data.bin" and path.read_bytes() == payload
+    path.write_bytes(b"tampered")
+    assert ensure_raw_file(tmp_path, spec).read_bytes() == payload
+    assert _listing(path.parent) == ["data.bin"]
+
+
+def test_ensure_raw_file_reports_pip_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_run(cmd: list[str], **kwargs: object) -> object:
+        class Result:
+            returncode = 1
+            stderr = "line 1\nERROR: No matching distribution found for fake-pkg==1.0\n"
+
+        return Result()
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    spec = RawFile("fake-pkg", "1.0", "fake_pkg/data.bin", _sha(b""))
+    with pytest.raises(AssetError, match="(?s)fake-pkg==1.0.*No matching distribution"):
+        ensure_raw_file(tmp_path, spec)
+    assert _listing(tmp_path / "wheels") == []  # the temporary download dir is gone
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_success_leaves_only_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "out.jsonl"
+    with atomic_write(target) as handle:
+        handle.write("héllo\n")
+        assert not target.exists()  # nothing visible until the block ends
+    assert target.read_text(encoding="utf-8") == "héllo\n"
+    assert _listing(tmp_path) == ["out.jsonl"]
+
+
+def test_atomic_write_failure_keeps_old_content_and_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, binary=True) as handle:
+            handle.write(b"half written")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["out.bin"]
+
+
+def test_atomic_dir_replaces_whole_directory_or_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "stale.txt").write_text("stale", encoding="utf-8")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "new.txt").write_text("new", encoding="utf-8")
+            raise RuntimeError("interrupted")
+    assert _listing(tmp_path) == ["model"] and _listing(final) == ["stale.txt"]
+    with atomic_dir(final) as tmp:
+        (tmp / "new.txt").write_text("new", encoding="utf-8")
+    assert _listing(tmp_path) == ["model"] and _listing(final) == ["new.txt"]
+
+
+# --------------------------------------------------------------------------- small API
+
+
+def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("POCKETZO_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("POCKETZO_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "pocketzo"
+
+
+def test_assets_to_json_is_all_strings(tmp_path: Path) -> None:
+    found = Assets(tmp_path / "m", tmp_path / "tr", tmp_path / "dv", tmp_path / "te", tmp_path / "h")
+    assert found.to_json() == {
+        "model_dir": str(tmp_path / "m"),
+        "train": str(tmp_path / "tr"),
+        "dev": str(tmp_path / "dv"),
+        "test": str(tmp_path / "te"),
+        "hamlet": str(tmp_path / "h"),
+    }

@@ -1,0 +1,109 @@
+"""Export: parity with PyTorch per architecture, names, tied weights, round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EXPORTS, LABELS
+from pocketzo.export import heads
+from pocketzo.runtime import Bundle, FlatParameters, TrainingSession
+from pocketzo.runtime import _safetensors
+from pocketzo.runtime.bundle import Manifest
+from pocketzo.runtime.data import TextEncoder
+
+
+def _hf_model(path, kind):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if kind == "bert" else AutoModelForCausalLM
+    return cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", ["llama-classify", "llama-causal", "opt-classify", "opt-causal", "bert-classify"])
+def test_loss_matches_pytorch(name, bundles, tiny_models, sentiment_files):
+    """The bundle's loss through the device runtime equals the Hugging Face loss on a padded batch."""
+    kind, task = EXPORTS[name][:2]
+    bundle = Bundle(bundles(name))
+    encoder = TextEncoder(bundle)
+    rows = [json.loads(line) for line in sentiment_files["dev"].read_text().splitlines()[:5]]
+    if task == "causal-lm":  # rows of different lengths, so the batch has padding
+        rows = [{"text": r["text"] + " good" * i} for i, r in enumerate(rows)]
+    ids, targets = zip(*[encoder.encode(r)[:2] for r in rows], strict=True)
+    t = max(len(i) for i in ids)
+    input_ids = np.zeros((len(ids), t), np.int64)
+    mask = np.zeros_like(input_ids)
+    for j, i in enumerate(ids):
+        input_ids[j, : len(i)], mask[j, : len(i)] = i, 1
+    if task == "classify":
+        labels = np.array(targets, np.int64)
+    else:
+        labels = np.where(mask == 1, input_ids, heads.IGNORE)
+    assert (mask == 0).any() or task == "classify"
+
+    got = TrainingSession(bundle).run(input_ids, mask, labels, ("loss", "example_loss"))
+    net = _hf_model(tiny_models[kind], kind)
+    tids = bundle.task.label_token_ids
+    want = heads.reference_loss(net, bundle.task.head, *map(torch.from_numpy, (input_ids, mask, labels)), tids)
+    assert abs(float(got["loss"]) - float(want)) <= 1e-4
+    if task == "classify":  # example losses average to the loss
+        assert abs(float(got["example_loss"].mean()) - float(got["loss"])) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama-classify", "opt-causal", "bert-classify"])
+def test_inputs_are_hf_names_and_values(name, bundles, tiny_models):
+    kind = EXPORTS[name][0]
+    bundle = Bundle(bundles(name))
+    net = _hf_model(tiny_models[kind], kind)
+    state = {k: v.detach().numpy() for k, v in net.named_parameters()}
+    params = FlatParameters.from_bundle(bundle)
+    assert [s.name for s in bundle.manifest.trainable] == list(state)  # all, in HF order
+    for tensor_name, view in params.views.items():
+        np.testing.assert_array_equal(view, state[tensor_name])
+
+
+def test_tied_embedding_is_one_tensor(bundles):
+    import onnx
+
+    bundle = Bundle(bundles("llama-classify"))
+    names = [s.name for s in bundle.manifest.trainable]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    graph = onnx.load(str(bundle.model_path)).graph
+    assert "lm_head.weight" not in {i.name for i in graph.input} | {i.name for i in graph.initializer}
+
+
+def test_frozen_weights_stay_initializers(bundles):
+    import onnx
+
+    bundle = Bundle(bundles("llama-norms"))
+    graph = onnx.load(str(bundle.model_path)).graph
+    inputs = {i.name for i in graph.input}
+    inits = {i.name for i in graph.initializer}
+    trainable = {s.name for s in bundle.manifest.trainable}
+    assert trainable and all(n.endswith("norm.weight") for n in trainable)
+    assert trainable <= inputs and not trainable & inits
+    assert "model.layers.0.self_attn.q_proj.weight" in inits
+
+
+def test_bundle_round_trip(bundles, tmp_path):
+    """Manifest and weights written and read back are identical."""
+    bundle = Bundle(bundles("opt-classify"))
+    obj = json.loads((bundle.path / "manifest.json").read_text())
+    assert Manifest.from_json(obj).to_json() == obj
+    params = FlatParameters.from_bundle(bundle)
+    params.save(tmp_path / "w.safetensors")
+    again = FlatParameters.from_bundle(bundle, tmp_path / "w.safetensors")
+    assert again.buffer.tobytes() == params.buffer.tobytes()
+    assert _safetensors.read_header(tmp_path / "w.safetensors")[0].keys() == params.views.keys()
+
+
+def test_prompt_labels_are_label_words(bundles):
+    from tokenizers import Tokenizer
+
+    bundle = Bundle(bundles("llama-classify"))
+    tok = Tokenizer.from_file(str(bundle.tokenizer_path))
+    assert list(bundle.task.labels) == list(LABELS)
+    assert [tok.token_to_id(w) for w in LABELS] == list(bundle.task.label_token_ids)

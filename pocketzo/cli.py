@@ -54,7 +54,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pocketzo.export import ExportConfig, export_bundle
 
     labels = tuple(s.strip() for s in args.labels.split(",") if s.strip()) if args.labels else ()
-    config = ExportConfig(task=args.task, max_length=args.max_length, template=args.template, labels=labels,
+    # A shell cannot easily pass a newline: "\n" and "\t" in --template mean newline and tab.
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+    config = ExportConfig(task=args.task, max_length=args.max_length, template=template, labels=labels,
                           trainable=args.trainable, freeze=args.freeze, seed=args.seed)
     export_bundle(args.model, args.out, config, overwrite=args.overwrite)
     return 0
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--task", choices=("causal-lm", "classify"), required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--template", help='classify on a causal LM, e.g. "Review: {text}\\nSentiment:"')
+    e.add_argument("--template", help='classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)')
     e.add_argument("--labels", help="classify: comma-separated class names, e.g. negative,positive")
     e.add_argument("--trainable", default="all", help="'all' or a regex of parameter names to train")
     e.add_argument("--freeze", help="regex of parameter names to keep frozen")

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WORDS = ("<pad> <unk> <s> </s> [CLS] [SEP] the a film movie plot acting good great fun moving bad awful dull "
-         "boring review sentiment : was is and of it negative positive").split()
+WORDS = ["<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "the", "a", "film", "movie", "plot", "acting", "good", "great", "fun", "moving", "bad", "awful", "dull", "boring", "review", "sentiment", ":", "was", "is", "and", "of", "it", "negative", "positive"]
 POSITIVE, NEGATIVE = ("good", "great", "fun", "moving"), ("bad", "awful", "dull", "boring")
 TEMPLATE = "review : {text} sentiment :"
 LABELS = ("negative", "positive")
@@ -34,8 +33,14 @@ def _tokenizer(encoder: bool):
 def make_model(kind: str, path: Path) -> Path:
     """Save a tiny random model of ``kind`` (llama, opt, bert) with a word-level tokenizer."""
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                              OPTForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     torch.manual_seed(0)
     v = len(WORDS)

@@ -6,8 +6,11 @@ import bz2
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
+import re
+import subprocess
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -15,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from pocketzo.errors import AssetError
-from pocketzo.export import assets
 from pocketzo.export.assets import (
     Assets,
     RawFile,
@@ -82,7 +84,7 @@ def test_split_is_deterministic_and_ignores_input_order_and_whitespace() -> None
 
 def test_split_train_is_shuffled_not_grouped_by_label() -> None:
     labels = [label for _, label in split_balanced(_rows(60, 60), SMALL).train]
-    changes = sum(a != b for a, b in zip(labels, labels[1:]))
+    changes = sum(a != b for a, b in itertools.pairwise(labels))
     assert changes > 5  # grouped by class would give exactly 1
 
 
@@ -97,11 +99,12 @@ def test_dedup_drops_conflicting_texts_duplicates_and_empty() -> None:
     ]
     deduped = dedupe_rows(rows)
     assert deduped.rows == (("Awful", "negative"), ("Great movie", "positive"))
-    assert (deduped.n_input, deduped.n_empty, deduped.n_duplicates, deduped.n_conflicting_texts) == (6, 1, 1, 1)
+    counts = (deduped.n_input, deduped.n_empty, deduped.n_duplicates, deduped.n_conflicting_texts)
+    assert counts == (6, 1, 1, 1)
 
 
 def test_split_never_puts_a_conflicting_text_anywhere() -> None:
-    rows = _rows(20, 20) + [("good film number 3", "negative")]
+    rows = [*_rows(20, 20), ("good film number 3", "negative")]
     split = split_balanced(rows, SMALL)
     assert "good film number 3" not in _texts(split.train) | _texts(split.dev) | _texts(split.test)
 
@@ -128,6 +131,12 @@ def _write_csv_bz2(path: Path, records: list[tuple[str, str, str]]) -> None:
     path.write_bytes(bz2.compress(buffer.getvalue().encode("utf-8")))
 
 
+def _reviews() -> list[tuple[str, str, str]]:
+    """12 fresh and 9 rotten reviews: with SMALL, train gets 9 - 5 = 4 of each class."""
+    fresh = [("fresh", f"nice {i}", "m") for i in range(12)]
+    return fresh + [("rotten", f"poor {i}", "m") for i in range(9)]
+
+
 def test_read_rotten_tomatoes_maps_labels_and_drops_plot(tmp_path: Path) -> None:
     path = tmp_path / "rt.csv.bz2"
     _write_csv_bz2(
@@ -140,21 +149,20 @@ def test_read_rotten_tomatoes_maps_labels_and_drops_plot(tmp_path: Path) -> None
 def test_read_rotten_tomatoes_unknown_category_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "rt.csv.bz2"
     _write_csv_bz2(path, [("fresh", "ok", "m"), ("meh", "hmm", "m")])
-    with pytest.raises(AssetError, match="rt.csv.bz2.*'meh'"):
+    with pytest.raises(AssetError, match=r"rt\.csv\.bz2.*'meh'"):
         read_rotten_tomatoes(path)
 
 
 def test_read_rotten_tomatoes_not_bz2_raises(tmp_path: Path) -> None:
     path = tmp_path / "rt.csv.bz2"
     path.write_text("category,text,movie_name\nfresh,ok,m\n", encoding="utf-8")
-    with pytest.raises(AssetError, match="rt.csv.bz2"):
+    with pytest.raises(AssetError, match=re.escape("rt.csv.bz2")):
         read_rotten_tomatoes(path)
 
 
 def test_ensure_rotten_tomatoes_writes_once_and_rebuilds_when_tampered(tmp_path: Path) -> None:
     csv_path = tmp_path / "rt.csv.bz2"
-    records = [("fresh", f"nice {i}", "m") for i in range(12)] + [("rotten", f"poor {i}", "m") for i in range(9)]
-    _write_csv_bz2(csv_path, records + [("plot", "story", "m")])
+    _write_csv_bz2(csv_path, [*_reviews(), ("plot", "story", "m")])
     cache = tmp_path / "cache"
     out = ensure_rotten_tomatoes(cache, csv_path, config=SMALL)
     assert _listing(out) == ["dev.jsonl", "split.json", "test.jsonl", "train.jsonl"]
@@ -167,10 +175,22 @@ def test_ensure_rotten_tomatoes_writes_once_and_rebuilds_when_tampered(tmp_path:
     ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
     assert logs == []  # complete: skipped
 
-    (out / "dev.jsonl").write_text('{"text": "x", "label": "positive"}\n', encoding="utf-8")
+    dev = (out / "dev.jsonl").read_text(encoding="utf-8")
+    flipped = dev.replace('"positive"', '"POSITIVE"')  # same size: only the sha256 can tell
+    (out / "dev.jsonl").write_text(flipped, encoding="utf-8")
     ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
-    assert logs and len((out / "dev.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert logs and (out / "dev.jsonl").read_text(encoding="utf-8") == dev
     assert _listing(cache / "data") == ["rotten_tomatoes"]  # no temp dirs left behind
+
+
+def test_ensure_rotten_tomatoes_rebuilds_for_another_split_config(tmp_path: Path) -> None:
+    csv_path = tmp_path / "rt.csv.bz2"
+    _write_csv_bz2(csv_path, _reviews())
+    out = ensure_rotten_tomatoes(tmp_path / "cache", csv_path, config=SMALL)
+    other = SplitConfig(seed=7, n_test_per_class=2, n_dev_per_class=2)
+    ensure_rotten_tomatoes(tmp_path / "cache", csv_path, config=other)
+    meta = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert meta["n_test_per_class"] == 2 and meta["counts"]["test"]["total"] == 4
 
 
 # --------------------------------------------------------------------------- hashes and wheels
@@ -211,7 +231,7 @@ def test_extract_member_wrong_hash_leaves_nothing(tmp_path: Path) -> None:
     wheel = _fake_wheel(tmp_path, "fake_pkg/data.txt", b"payload")
     spec = RawFile("fake-pkg", "1.0", "fake_pkg/data.txt", _sha(b"something else"))
     dest = tmp_path / "raw" / "data.txt"
-    with pytest.raises(AssetError, match="fake_pkg/data.txt.*expected"):
+    with pytest.raises(AssetError, match=r"fake_pkg/data\.txt.*expected"):
         extract_member(wheel, spec, dest, cache_dir=tmp_path)
     assert _listing(dest.parent) == []
 
@@ -219,7 +239,7 @@ def test_extract_member_wrong_hash_leaves_nothing(tmp_path: Path) -> None:
 def test_extract_member_missing_member_raises(tmp_path: Path) -> None:
     wheel = _fake_wheel(tmp_path, "fake_pkg/data.txt", b"payload")
     spec = RawFile("fake-pkg", "1.0", "fake_pkg/absent.txt", _sha(b"payload"))
-    with pytest.raises(AssetError, match="absent.txt"):
+    with pytest.raises(AssetError, match=re.escape("fake_pkg/absent.txt")):
         extract_member(wheel, spec, tmp_path / "out.txt", cache_dir=tmp_path)
 
 
@@ -242,9 +262,9 @@ def test_ensure_raw_file_reports_pip_failure(tmp_path: Path, monkeypatch: pytest
 
         return Result()
 
-    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    monkeypatch.setattr(subprocess, "run", failing_run)
     spec = RawFile("fake-pkg", "1.0", "fake_pkg/data.bin", _sha(b""))
-    with pytest.raises(AssetError, match="(?s)fake-pkg==1.0.*No matching distribution"):
+    with pytest.raises(AssetError, match=r"(?s)fake-pkg==1\.0.*No matching distribution"):
         ensure_raw_file(tmp_path, spec)
     assert _listing(tmp_path / "wheels") == []  # the temporary download dir is gone
 
@@ -264,10 +284,9 @@ def test_atomic_write_success_leaves_only_the_target(tmp_path: Path) -> None:
 def test_atomic_write_failure_keeps_old_content_and_no_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target, binary=True) as handle:
-            handle.write(b"half written")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_write(target, binary=True) as handle:
+        handle.write(b"half written")
+        raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old"
     assert _listing(tmp_path) == ["out.bin"]
 
@@ -276,10 +295,9 @@ def test_atomic_dir_replaces_whole_directory_or_nothing(tmp_path: Path) -> None:
     final = tmp_path / "model"
     final.mkdir()
     (final / "stale.txt").write_text("stale", encoding="utf-8")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(final) as tmp:
-            (tmp / "new.txt").write_text("new", encoding="utf-8")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "new.txt").write_text("new", encoding="utf-8")
+        raise RuntimeError("interrupted")
     assert _listing(tmp_path) == ["model"] and _listing(final) == ["stale.txt"]
     with atomic_dir(final) as tmp:
         (tmp / "new.txt").write_text("new", encoding="utf-8")

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import EXPORTS, LABELS
+
 from pocketzo.export import heads
-from pocketzo.runtime import Bundle, FlatParameters, TrainingSession
-from pocketzo.runtime import _safetensors
+from pocketzo.runtime import Bundle, FlatParameters, TrainingSession, _safetensors
 from pocketzo.runtime.bundle import Manifest
 from pocketzo.runtime.data import TextEncoder
 

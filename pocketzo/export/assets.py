@@ -219,19 +219,18 @@ def _no_log(message: str) -> None:
 
 @contextlib.contextmanager
 def _cache_lock(cache: Path) -> Iterator[None]:
-    """Serialize concurrent ``prepare_assets`` calls on one cache (no-op without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
+    """Serialize concurrent ``prepare_assets`` calls on one cache (no lock on Windows)."""
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
     with open(cache / ".lock", "a", encoding="utf-8") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -250,13 +249,10 @@ def atomic_write(path: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
+    # "x" mode: created with the usual umask permissions, never clobbers anything.
+    mode, encoding, newline = ("xb", None, None) if binary else ("x", "utf-8", "\n")
     try:
-        # "x" mode: created with the usual umask permissions, never clobbers anything.
-        if binary:
-            handle: IO[Any] = open(tmp, "xb")
-        else:
-            handle = open(tmp, "x", encoding="utf-8", newline="\n")
-        with handle:
+        with open(tmp, mode, encoding=encoding, newline=newline) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -596,7 +592,9 @@ def read_rotten_tomatoes(path: Path) -> list[Row]:
                 if row is not None:
                     rows.append(row)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
-        raise AssetError(f"{path}: cannot read it as a bz2-compressed CSV ({exc}); delete it and run again") from exc
+        raise AssetError(
+            f"{path}: cannot read it as a bz2-compressed CSV ({exc}); delete it and run again"
+        ) from exc
     return rows
 
 
@@ -694,7 +692,7 @@ def ensure_model(cache_dir: Path, gguf_path: Path, *, progress: bool = True, log
     expected = {"recipe": MODEL_RECIPE, "source_sha256": GGUF.sha256}
     if _marker_matches(_read_json(out / MODEL_MARKER), expected, out):
         return out
-    log("converting GGUF to safetensors (~20 s)")
+    log("converting GGUF to float32 safetensors (~25 s)")
     start = time.monotonic()
     with atomic_dir(out) as tmp:
         convert_gguf(gguf_path, tmp, quiet=not progress)
@@ -780,11 +778,15 @@ def _fixed_tokenizer(gguf_tokenizer: PreTrainedTokenizerFast) -> PreTrainedToken
 
 
 def _fix_model_special_ids(model: PreTrainedModel, *, vocab_size: int) -> None:
+    from transformers import GenerationConfig
+
     if model.config.vocab_size != vocab_size:
         raise AssetError(
             f"{GGUF.member}: model vocab {model.config.vocab_size} != tokenizer vocab {vocab_size}; "
             "delete the cache directory and run again"
         )
+    if model.generation_config is None:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
     for config in (model.config, model.generation_config):
         config.bos_token_id = BOS_ID
         config.eos_token_id = EOS_ID

@@ -28,7 +28,16 @@ from pocketzo._io import write_json
 from pocketzo.errors import ExportError
 from pocketzo.export import heads
 from pocketzo.runtime import _safetensors
-from pocketzo.runtime.bundle import MANIFEST, Bundle, HeadKind, Manifest, TaskKind, TaskSpec, ValueSpec, layout
+from pocketzo.runtime.bundle import (
+    MANIFEST,
+    Bundle,
+    HeadKind,
+    Manifest,
+    TaskKind,
+    TaskSpec,
+    ValueSpec,
+    layout,
+)
 from pocketzo.runtime.session import SessionConfig, TrainingSession
 
 EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
@@ -86,7 +95,12 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def _load(model: Path, config: ExportConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     directory, gguf = _source_files(model)
     kw = {"gguf_file": gguf} if gguf else {}

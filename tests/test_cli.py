@@ -1,0 +1,58 @@
+"""The CLI: one-line errors with a non-zero exit; eval --json; the device-side import boundary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pocketzo.cli import main
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "pocketzo", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{tmp}/missing", "--data", "{tmp}/x.jsonl"], "bundle directory not found"),
+    (["train", "{bundle}", "--data", "{tmp}/missing.jsonl", "--steps", "1", "--out", "{tmp}/run"], "not found"),
+    (["train", "{bundle}", "--data", "{train}", "--steps", "1", "--out", "{tmp}/run", "--eps", "0"], "eps must be"),
+])
+def test_errors_are_one_line_without_traceback(args, message, bundles, sentiment_files, tmp_path):
+    fill = {"tmp": tmp_path, "bundle": bundles("llama-norms"), "train": sentiment_files["train"]}
+    proc = _run(*[a.format(**fill) for a in args])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("pocketzo: error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_then_eval_json(bundles, sentiment_files, tmp_path, capsys):
+    b = bundles("llama-classify")
+    assert main(["train", str(b), "--data", str(sentiment_files["train"]), "--steps", "30", "--out",
+                 str(tmp_path / "run"), "--lr", "1e-3", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(b), "--data", str(sentiment_files["dev"]), "--json",
+                 "--weights", str(tmp_path / "run" / "weights.safetensors")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 64 and {"loss", "accuracy", "macro_f1"} <= result.keys()
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_run_directory_is_not_silently_overwritten(bundles, sentiment_files, tmp_path):
+    args = ["train", bundles("llama-norms"), "--data", sentiment_files["train"], "--steps", "2", "--out",
+            tmp_path / "run", "--quiet"]
+    assert _run(*args).returncode == 0
+    again = _run(*args)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert _run(*args, "--overwrite").returncode == 0
+
+
+def test_device_side_does_not_import_desktop_libraries():
+    code = ("import sys, pocketzo.runtime, pocketzo.runtime.data, pocketzo.zo_trainer, pocketzo.mobile_harness, "
+            "pocketzo.cli; pocketzo.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'optimum', 'onnxscript') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,101 @@
+"""Runtime: zero-copy binding, alignment, bundle validation, safetensors compatibility."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pocketzo.errors import BundleError
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession, _safetensors
+from pocketzo.runtime.data import TextEncoder
+
+
+def _batch(bundle, path, n=8):
+    data = TextEncoder(bundle).dataset(path)
+    b = data.batch(range(n))
+    return b.input_ids, b.attention_mask, b.labels
+
+
+def test_in_place_edit_is_seen_without_rebinding(bundles, sentiment_files, tmp_path):
+    bundle = Bundle(bundles("llama-classify"))
+    batch = _batch(bundle, sentiment_files["dev"])
+    session = TrainingSession(bundle, SessionConfig(threads=1))
+    before = float(session.run(*batch)["loss"])
+    buf = session.params.buffer
+    rng = np.random.default_rng(0)
+    buf += rng.standard_normal(buf.shape).astype(np.float32) * 0.05  # in place, no rebind
+    after = float(session.run(*batch)["loss"])
+    assert abs(after - before) > 1e-3
+
+    session.params.save(tmp_path / "edited.safetensors")
+    fresh = TrainingSession(bundle, SessionConfig(threads=1),
+                            FlatParameters.from_bundle(bundle, tmp_path / "edited.safetensors"))
+    assert abs(float(fresh.run(*batch)["loss"]) - after) <= 1e-6
+
+
+def test_weights_are_bound_zero_copy_and_aligned(bundles):
+    bundle = Bundle(bundles("llama-classify"))
+    session = TrainingSession(bundle)
+    assert session.params.buffer.ctypes.data % 64 == 0
+    for name, view in session.params.views.items():
+        assert view.ctypes.data % 64 == 0
+        assert session.weight_pointer(name) == view.ctypes.data
+        assert np.shares_memory(view, session.params.buffer)
+
+
+def test_session_config_validates():
+    with pytest.raises(ValueError):
+        SessionConfig(threads=-1)
+    with pytest.raises(ValueError):
+        SessionConfig(optimization="fast")
+
+
+def test_safetensors_compatible_with_reference_library(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, -2], np.int64)}
+    _safetensors.save(tmp_path / "ours.safetensors", tensors)
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    ours = _safetensors.load(tmp_path / "theirs.safetensors")
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(theirs[k], v)
+        np.testing.assert_array_equal(ours[k], v)
+
+
+@pytest.fixture
+def bundle_copy(bundles, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundles("llama-norms"), dst)
+    return dst
+
+
+def _edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda p: (p / "model.onnx").unlink(), "model.onnx: missing"),
+    (lambda p: (p / "manifest.json").unlink(), "manifest.json: missing"),
+    (lambda p: (p / "manifest.json").write_text("{not json"), "corrupt JSON"),
+    (lambda p: _edit_manifest(p, format_version=99), "format_version 99"),
+    (lambda p: _edit_manifest(p, tokenizer_file="../../etc/passwd"), "outside the bundle"),
+    (lambda p: _edit_manifest(p, buffer_elements=3), "overflow"),
+])
+def test_bad_bundles_are_named(bundle_copy, breakage, message):
+    breakage(bundle_copy)
+    with pytest.raises(BundleError, match=message):
+        Bundle(bundle_copy)
+
+
+def test_truncated_weights_are_refused(bundle_copy):
+    path = bundle_copy / "trainable.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    bundle = Bundle(bundle_copy)
+    with pytest.raises(BundleError, match="truncated or corrupt"):
+        FlatParameters.from_bundle(bundle)

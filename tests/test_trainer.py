@@ -1,0 +1,127 @@
+"""ZO-SGD: estimator vs autograd, a golden step, replay, schedules, sampler, divergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXPORTS
+
+from pocketzo.errors import TrainingError
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
+from pocketzo.runtime.data import TextEncoder
+from pocketzo.zo_trainer import BatchSampler, TrainConfig, ZOTrainer, read_log, replay, train
+
+
+def _session_and_batch(bundles, files, name="llama-norms", n=8):
+    bundle = Bundle(bundles(name))
+    data = TextEncoder(bundle).dataset(files["train"])
+    return TrainingSession(bundle, SessionConfig(threads=1)), data.batch(range(n))
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_estimator_points_along_autograd_gradient(distribution, bundles, tiny_models, sentiment_files):
+    session, batch = _session_and_batch(bundles, sentiment_files)
+    trainer = ZOTrainer(session, TrainConfig(steps=1, lr=0.0, eps=1e-3, perturbation=distribution))
+    estimate = np.zeros(session.params.buffer.shape, np.float64)
+    n = 1500
+    for step in range(n):
+        record = trainer.step(step, batch)
+        estimate += record.grad * trainer.perturber.noise(record.seed)
+    estimate /= n
+
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_models[EXPORTS["llama-norms"][0]], attn_implementation="eager")
+    logits = net(input_ids=torch.from_numpy(batch.input_ids),
+                 attention_mask=torch.from_numpy(batch.attention_mask)).logits
+    answer = logits[torch.arange(len(batch.labels)), torch.from_numpy(batch.attention_mask).sum(1) - 1]
+    target = torch.tensor(session.bundle.task.label_token_ids)[torch.from_numpy(batch.labels)]
+    torch.nn.functional.cross_entropy(answer, target).backward()
+    params = dict(net.named_parameters())
+    true = np.zeros_like(estimate)
+    for s in session.bundle.manifest.trainable:
+        true[s.offset : s.offset + s.numel] = params[s.name].grad.numpy().ravel()
+    cosine = estimate @ true / (np.linalg.norm(estimate) * np.linalg.norm(true))
+    assert cosine >= 0.9
+
+
+def test_one_step_matches_float64_reference(bundles, sentiment_files):
+    session, batch = _session_and_batch(bundles, sentiment_files)
+    theta = session.params.buffer.astype(np.float64)
+    cfg = TrainConfig(steps=1, lr=0.05, eps=1e-2, perturbation="gaussian")
+    trainer = ZOTrainer(session, cfg)
+    record = trainer.step(0, batch)
+    z = trainer.perturber.noise(record.seed).astype(np.float64)
+
+    def loss_at(values):
+        p = FlatParameters(session.params.specs, len(values))
+        p.buffer[:] = values
+        s = TrainingSession(session.bundle, SessionConfig(threads=1), p)
+        return float(s.run(batch.input_ids, batch.attention_mask, batch.labels)["loss"])
+
+    g_ref = (loss_at(theta + cfg.eps * z) - loss_at(theta - cfg.eps * z)) / (2 * cfg.eps)
+    assert abs(record.grad - g_ref) <= 1e-3 * max(1.0, abs(g_ref))
+    np.testing.assert_allclose(session.params.buffer, theta - cfg.lr * record.grad * z, rtol=0, atol=1e-5)
+
+
+def test_training_reduces_loss_and_replay_is_bit_identical(bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=200, lr=1e-3, eps=1e-3, batch_size=16, seed=3, weight_decay=0.01,
+                      schedule="cosine", warmup_steps=10)
+    summary = train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg,
+                    eval_path=sentiment_files["dev"], show_progress=False)
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.5
+    assert summary["forward_passes"] == 400
+
+    bundle = Bundle(bundles("llama-classify"))
+    params = FlatParameters.from_bundle(bundle)
+    replay(params, cfg, read_log(tmp_path / "run" / "log.jsonl"))
+    trained = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
+    assert params.buffer.tobytes() == trained.buffer.tobytes()
+
+
+def test_same_seed_same_run(bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=20, lr=1e-3, eps=1e-3, seed=11)
+    runs = [train(bundles("llama-norms"), sentiment_files["train"], tmp_path / f"r{i}", cfg, show_progress=False)
+            for i in range(2)]
+    logs = [(tmp_path / f"r{i}" / "log.jsonl").read_text().splitlines() for i in range(2)]
+    strip = [[line.rsplit(', "seconds"', 1)[0] for line in log] for log in logs]
+    assert strip[0] == strip[1] and runs[0]["steps"] == 20
+    w = [(tmp_path / f"r{i}" / "weights.safetensors").read_bytes() for i in range(2)]
+    assert w[0] == w[1]
+
+
+def test_non_finite_loss_stops_and_restores(bundles, sentiment_files):
+    session, batch = _session_and_batch(bundles, sentiment_files)
+    session.params.buffer[0] = np.inf
+    before = session.params.buffer.copy()
+    trainer = ZOTrainer(session, TrainConfig(steps=1))
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        trainer.step(0, batch)
+    finite = np.isfinite(before)
+    np.testing.assert_allclose(session.params.buffer[finite], before[finite], atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5]),  # decays to 0 over the 4 steps after warm-up
+    ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5]),
+])
+def test_lr_schedules(schedule, expected):
+    cfg = TrainConfig(steps=6, lr=1.0, schedule=schedule, warmup_steps=2)
+    np.testing.assert_allclose([cfg.lr_at(s) for s in range(5)], expected)
+
+
+def test_sampler_is_seeded_and_covers_each_epoch():
+    s = BatchSampler(10, 4, seed=1)
+    first_epoch = np.concatenate([s.indices(0), s.indices(1), s.indices(2)[:2]])
+    assert sorted(first_epoch) == list(range(10))
+    np.testing.assert_array_equal(s.indices(5), BatchSampler(10, 4, seed=1).indices(5))
+    assert not np.array_equal(s.indices(0), BatchSampler(10, 4, seed=2).indices(0))
+
+
+@pytest.mark.parametrize("bad", [dict(eps=0.0), dict(lr=-1.0), dict(batch_size=0), dict(perturbation="uniform"),
+                                 dict(weight_decay=1.5), dict(steps=-1)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**{"steps": 1, **bad})

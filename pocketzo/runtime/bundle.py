@@ -28,7 +28,7 @@ ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 
 TaskKind = Literal["causal-lm", "classify"]
 # How the in-graph loss is formed:
 #   lm      - next-token cross-entropy over every labelled position (causal-lm)
-#   prompt  - cross-entropy of each label word's first token at the last prompt position (classify, decoder)
+#   prompt  - cross-entropy over the label words' first-token logits at the last prompt position (classify, decoder)
 #   head    - cross-entropy of a sequence-classification head (classify, encoder)
 HeadKind = Literal["lm", "prompt", "head"]
 

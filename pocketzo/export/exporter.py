@@ -6,7 +6,7 @@
 3. rename initializers to their canonical HF state-dict names and turn the trainable ones
    into graph inputs (frozen ones stay initializers: prepacked, quantizable);
 4. write the bundle into a temp dir, check its loss through the device runtime against the
-   plain PyTorch loss, and only then rename it into place.
+   plain PyTorch loss, and only then rename it into place (``_io.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import onnx
 import torch
 
 from pocketzo import __version__
-from pocketzo._io import write_json
+from pocketzo._io import atomic_dir, write_json
 from pocketzo.errors import ExportError
 from pocketzo.export import heads
 from pocketzo.runtime import _safetensors
@@ -214,9 +213,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     wrapper = {"lm": lambda: heads.CausalLMLoss(net), "head": lambda: heads.SequenceClassifierLoss(net),
                "prompt": lambda: heads.PromptClassifierLoss(net, list(task.label_token_ids))}[head]()
     sample = _sample_batch(task, len(tokenizer), config.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # the bundle appears complete, after its parity check, or not at all
         _say("tracing the loss graph with torch.onnx (dynamo)")
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
         label_axes = {0: batch} if task.kind == "classify" else {0: batch, 1: seq}
@@ -237,12 +234,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         _safetensors.save(tmp / "trainable.safetensors",
                           {s.name: params[s.name].detach().float().numpy() for s in specs},
                           {"format": "pt", "producer": "pocketzo"})
-        tok_dir = tmp / ".tokenizer"
-        tokenizer.save_pretrained(tok_dir)
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.move(tok_dir / name, tmp / name)
-        shutil.rmtree(tok_dir)
+        _save_tokenizer(tokenizer, tmp)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         label_shape = ("batch",) if task.kind == "classify" else ("batch", "seq")
         out_shapes = {"loss": (), "example_loss": ("batch",), "candidate_loss": ("batch", len(task.labels))}
@@ -262,16 +254,19 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         parity = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
         manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": parity}})
         write_json(tmp / MANIFEST, manifest.to_json())
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     _say(f"wrote {out} ({len(specs)} trainable tensors, {sum(s.numel for s in specs):,} parameters; "
          f"parity error {parity['abs_error']:.2e})")
     return manifest
+
+
+def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:
+    """tokenizer.json for the device, plus the HF tokenizer files for desktop users."""
+    staging = bundle_dir / ".tokenizer"
+    tokenizer.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (staging / name).is_file():
+            shutil.move(staging / name, bundle_dir / name)
+    shutil.rmtree(staging)
 
 
 def _check_parity(bundle_dir: Path, net, head: HeadKind, sample, task: TaskSpec, tolerance: float) -> dict:

@@ -21,7 +21,6 @@ from pocketzo.errors import AssetError
 from pocketzo.export import gguf_convert
 from pocketzo.export.assets import (
     GGUF,
-    Assets,
     RawFile,
     default_cache_dir,
     ensure_model,
@@ -303,14 +302,3 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.setenv("POCKETZO_CACHE", "")
     assert default_cache_dir() == Path.home() / ".cache" / "pocketzo"
-
-
-def test_assets_to_json_is_all_strings(tmp_path: Path) -> None:
-    found = Assets(tmp_path / "m", tmp_path / "tr", tmp_path / "dv", tmp_path / "te", tmp_path / "h")
-    assert found.to_json() == {
-        "model_dir": str(tmp_path / "m"),
-        "train": str(tmp_path / "tr"),
-        "dev": str(tmp_path / "dv"),
-        "test": str(tmp_path / "te"),
-        "hamlet": str(tmp_path / "h"),
-    }

@@ -103,3 +103,14 @@ def test_prompt_labels_are_label_words(bundles):
     tok = Tokenizer.from_file(str(bundle.tokenizer_path))
     assert list(bundle.task.labels) == list(LABELS)
     assert [tok.token_to_id(w) for w in LABELS] == list(bundle.task.label_token_ids)
+
+
+def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sentiment_files):
+    """Above the size threshold, frozen weights go to model.onnx.data and still load (threshold lowered here)."""
+    from pocketzo.export import ExportConfig, export_bundle, exporter
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
+        task="classify", template="review : {text} sentiment :", labels=LABELS, trainable=r"norm\.weight$"))
+    assert manifest.export["external_data"] and (tmp_path / "b" / "model.onnx.data").stat().st_size > 10_000
+    assert manifest.export["parity"]["abs_error"] <= 1e-4

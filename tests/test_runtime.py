@@ -93,6 +93,17 @@ def test_bad_bundles_are_named(bundle_copy, breakage, message):
         Bundle(bundle_copy)
 
 
+@pytest.mark.parametrize("victim, opener, message", [
+    ("model.onnx", lambda b: TrainingSession(b), "ONNX Runtime cannot load it"),
+    ("tokenizer.json", lambda b: TextEncoder(b), "not a valid tokenizer"),
+])
+def test_corrupt_files_are_named(bundle_copy, victim, opener, message):
+    path = bundle_copy / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BundleError, match=f"{victim}: {message}"):
+        opener(Bundle(bundle_copy))
+
+
 def test_truncated_weights_are_refused(bundle_copy):
     path = bundle_copy / "trainable.safetensors"
     path.write_bytes(path.read_bytes()[:-10])

@@ -65,3 +65,13 @@ def test_short_training_run(bundle, assets, tmp_path):
     after = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
     assert all(name.endswith("norm.weight") for name in after.views)
     assert not np.array_equal(before.buffer, after.buffer)
+
+
+def test_export_straight_from_gguf(assets, tmp_path):
+    """A .gguf file is a valid export source (transformers dequantizes it); causal-lm on the last block."""
+    manifest = export_bundle(assets.gguf, tmp_path / "b", ExportConfig(
+        task="causal-lm", trainable=r"layers\.29\..*norm", max_length=32))
+    assert manifest.source["files"] == [assets.gguf.name]
+    assert [t.name for t in manifest.trainable] == ["model.layers.29.input_layernorm.weight",
+                                                   "model.layers.29.post_attention_layernorm.weight"]
+    assert manifest.export["parity"]["abs_error"] <= 1e-4

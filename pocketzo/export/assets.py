@@ -109,6 +109,7 @@ class Assets:
     """Paths of the prepared assets."""
 
     model_dir: Path
+    gguf: Path  # the original quantized file, for exporting straight from GGUF
     train: Path
     dev: Path
     test: Path
@@ -136,6 +137,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True) -> A
         model_dir = ensure_model(cache, gguf_path, progress=progress, log=log)
     return Assets(
         model_dir=model_dir,
+        gguf=gguf_path,
         train=data_dir / "train.jsonl",
         dev=data_dir / "dev.jsonl",
         test=data_dir / "test.jsonl",

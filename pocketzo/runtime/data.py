@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from pocketzo.errors import DataError
+from pocketzo.errors import BundleError, DataError
 from pocketzo.runtime.bundle import Bundle, TaskSpec
 
 IGNORE = -100
@@ -110,7 +110,10 @@ class TextEncoder:
 
         self.task = bundle.task
         self.pad_token_id = bundle.manifest.pad_token_id
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception on a corrupt file
+            raise BundleError(f"{bundle.tokenizer_path}: not a valid tokenizer ({e}); re-export the bundle") from None
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         if self.task.head == "prompt":

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from pocketzo.errors import BundleError
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import Bundle, TensorSpec
 
@@ -101,9 +102,14 @@ class TrainingSession:
         self.bundle = bundle
         self.config = config or SessionConfig()
         self.params = params if params is not None else FlatParameters.from_bundle(bundle)
-        self.session = ort.InferenceSession(
-            str(bundle.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own unrelated exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{bundle.model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") \
+                from None
         self._binding = self.session.io_binding()
         # The OrtValues must outlive the binding: keep them on self.
         self._weights = {

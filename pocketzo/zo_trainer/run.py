@@ -47,7 +47,11 @@ class BatchSampler:
     def indices(self, step: int) -> npt.NDArray[np.int64]:
         pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs, offsets = np.divmod(pos, self.n)
-        return np.array([self._epoch(int(e))[o] for e, o in zip(epochs, offsets, strict=True)], np.int64)
+        out = np.empty(self.batch_size, np.int64)
+        for e in np.unique(epochs):  # a batch spans at most a few epochs
+            at = epochs == e
+            out[at] = self._epoch(int(e))[offsets[at]]
+        return out
 
 
 def load_data(encoder: TextEncoder, path: str | Path, say: Callable[[str], None]) -> Dataset:

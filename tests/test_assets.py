@@ -27,7 +27,6 @@ from pocketzo.export.assets import (
     ensure_raw_file,
     ensure_rotten_tomatoes,
     extract_member,
-    verify_sha256,
 )
 from pocketzo.export.rotten_tomatoes import Row, SplitConfig, dedupe_rows, read_rotten_tomatoes, split_balanced
 
@@ -194,23 +193,6 @@ def test_ensure_rotten_tomatoes_rebuilds_for_another_split_config(tmp_path: Path
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def test_verify_sha256_accepts_good_and_rejects_tampered_file(tmp_path: Path) -> None:
-    path = tmp_path / "hamlet.txt"
-    path.write_bytes(b"To be, or not to be")
-    verify_sha256(path, _sha(b"To be, or not to be"), cache_dir=tmp_path)
-    path.write_bytes(b"To be, or not to be!")
-    with pytest.raises(AssetError) as info:
-        verify_sha256(path, _sha(b"To be, or not to be"), cache_dir=tmp_path)
-    message = str(info.value)
-    assert "hamlet.txt" in message and _sha(b"To be, or not to be") in message
-    assert _sha(b"To be, or not to be!") in message and "delete" in message
-
-
-def test_verify_sha256_missing_file_raises(tmp_path: Path) -> None:
-    with pytest.raises(AssetError, match="missing"):
-        verify_sha256(tmp_path / "nope.bin", _sha(b""), cache_dir=tmp_path)
 
 
 def _fake_wheel(cache: Path, member: str, data: bytes) -> Path:

@@ -19,6 +19,10 @@ def _run(*args):
     (["eval", "{tmp}/missing", "--data", "{tmp}/x.jsonl"], "bundle directory not found"),
     (["train", "{bundle}", "--data", "{tmp}/missing.jsonl", "--steps", "1", "--out", "{tmp}/run"], "not found"),
     (["train", "{bundle}", "--data", "{train}", "--steps", "1", "--out", "{tmp}/run", "--eps", "0"], "eps must be"),
+    (["eval", "{bundle}", "--data", "{train}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["eval", "{bundle}", "--data", "{train}", "--threads", "-1"], "threads must be >= 0"),
+    (["eval", "{bundle}", "--data", "{tmp}"], "cannot read it"),
+    (["train", "{bundle}", "--data", "{train}", "--steps", "1", "--out", "{train}"], "is not a directory"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, bundles, sentiment_files, tmp_path):
     fill = {"tmp": tmp_path, "bundle": bundles("llama-norms"), "train": sentiment_files["train"]}
@@ -36,9 +40,11 @@ def test_train_then_eval_json(bundles, sentiment_files, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(b), "--data", str(sentiment_files["dev"]), "--json",
                  "--weights", str(tmp_path / "run" / "weights.safetensors")]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 64 and {"loss", "accuracy", "macro_f1"} <= result.keys()
-    assert 0.0 <= result["accuracy"] <= 1.0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["n"] == 64 and {"loss", "accuracy", "macro_f1"} <= trained.keys()
+    assert main(["eval", str(b), "--data", str(sentiment_files["dev"]), "--json"]) == 0
+    untrained = json.loads(capsys.readouterr().out)
+    assert trained["loss"] != untrained["loss"]  # --weights was applied
 
 
 def test_run_directory_is_not_silently_overwritten(bundles, sentiment_files, tmp_path):
@@ -48,6 +54,11 @@ def test_run_directory_is_not_silently_overwritten(bundles, sentiment_files, tmp
     again = _run(*args)
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert _run(*args, "--overwrite").returncode == 0
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _run("eval", tmp_path / "missing", "--data", tmp_path / "x.jsonl", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "BundleError" in proc.stderr
 
 
 def test_device_side_does_not_import_desktop_libraries():

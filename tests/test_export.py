@@ -29,8 +29,7 @@ def test_loss_matches_pytorch(name, bundles, tiny_models, sentiment_files):
     bundle = Bundle(bundles(name))
     encoder = TextEncoder(bundle)
     rows = [json.loads(line) for line in sentiment_files["dev"].read_text().splitlines()[:5]]
-    if task == "causal-lm":  # rows of different lengths, so the batch has padding
-        rows = [{"text": r["text"] + " good" * i} for i, r in enumerate(rows)]
+    rows = [{**r, "text": r["text"] + " good" * i} for i, r in enumerate(rows)]  # padding in the batch
     ids, targets = zip(*[encoder.encode(r)[:2] for r in rows], strict=True)
     t = max(len(i) for i in ids)
     input_ids = np.zeros((len(ids), t), np.int64)
@@ -38,7 +37,7 @@ def test_loss_matches_pytorch(name, bundles, tiny_models, sentiment_files):
     for j, i in enumerate(ids):
         input_ids[j, : len(i)], mask[j, : len(i)] = i, 1
     labels = np.array(targets, np.int64) if task == "classify" else np.where(mask == 1, input_ids, heads.IGNORE)
-    assert (mask == 0).any() or task == "classify"
+    assert (mask == 0).any()
 
     got = TrainingSession(bundle).run(input_ids, mask, labels, ("loss", "example_loss"))
     net = _hf_model(tiny_models[kind], kind)
@@ -111,6 +110,53 @@ def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sent
 
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
     manifest = export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
-        task="classify", template="review : {text} sentiment :", labels=LABELS, trainable=r"norm\.weight$"))
+        task="classify", template="review : {text} sentiment :", labels=LABELS, trainable=r"norm\.weight$",
+        max_length=32))
     assert manifest.export["external_data"] and (tmp_path / "b" / "model.onnx.data").stat().st_size > 10_000
     assert manifest.export["parity"]["abs_error"] <= 1e-4
+
+
+def test_encoder_without_head_gets_a_seeded_new_head(tmp_path):
+    """all-MiniLM-L6-v2 ships as a bare BertModel: export adds a classifier, the same for the same seed."""
+    import torch
+    from conftest import _tokenizer
+    from transformers import BertConfig, BertModel
+
+    from pocketzo.export import ExportConfig, export_bundle
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    _tokenizer(encoder=True).save_pretrained(tmp_path / "m")
+    heads_ = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        manifest = export_bundle(tmp_path / "m", tmp_path / name, ExportConfig(
+            task="classify", labels=LABELS, trainable=r"^classifier\.", seed=seed, max_length=16))
+        assert [t.name for t in manifest.trainable] == ["classifier.weight", "classifier.bias"]
+        heads_.append(FlatParameters.from_bundle(Bundle(tmp_path / name)).buffer.copy())
+    assert np.array_equal(heads_[0], heads_[1]) and not np.array_equal(heads_[0], heads_[2])
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_bundle(tiny_models, tmp_path):
+    from pocketzo.errors import ExportError
+    from pocketzo.export import ExportConfig, export_bundle
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not a bundle"):
+        export_bundle(tiny_models["llama"], tmp_path, ExportConfig(task="causal-lm", max_length=32), overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task="classify"), "needs --labels"),
+    (dict(task="classify", labels=("a", "a")), "duplicates"),
+    (dict(task="causal-lm", trainable="(("), "bad regex"),
+    (dict(task="causal-lm", max_length=1), "max-length must be"),
+    (dict(task="classify", labels=LABELS, template="no placeholder"), "exactly once"),
+])
+def test_export_config_rejects_bad_options(kwargs, message):
+    from pocketzo.errors import ExportError
+    from pocketzo.export import ExportConfig
+
+    with pytest.raises(ExportError, match=message):
+        ExportConfig(**kwargs)

@@ -46,6 +46,25 @@ def test_weights_are_bound_zero_copy_and_aligned(bundles):
         assert np.shares_memory(view, session.params.buffer)
 
 
+def test_int32_and_strided_inputs_are_accepted(bundles, sentiment_files):
+    bundle = Bundle(bundles("llama-classify"))
+    ids, mask, labels = _batch(bundle, sentiment_files["dev"])
+    session = TrainingSession(bundle, SessionConfig(threads=1))
+    want = float(session.run(ids, mask, labels)["loss"])
+    wide = np.zeros((ids.shape[0], ids.shape[1] * 2), np.int32)
+    wide[:, ::2] = ids
+    got = float(session.run(wide[:, ::2], mask.astype(np.int32), labels.astype(np.int32))["loss"])
+    assert got == want
+
+
+def test_unknown_optional_manifest_keys_are_ignored(bundle_copy):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["task"]["added_in_a_later_version"] = True
+    m["something_new"] = {"x": 1}
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    assert Bundle(bundle_copy).task.kind == "classify"
+
+
 def test_session_config_validates():
     with pytest.raises(ValueError):
         SessionConfig(threads=-1)
@@ -86,6 +105,7 @@ def _edit_manifest(path, **changes):
     (lambda p: _edit_manifest(p, format_version=99), "format_version 99"),
     (lambda p: _edit_manifest(p, tokenizer_file="../../etc/passwd"), "outside the bundle"),
     (lambda p: _edit_manifest(p, buffer_elements=3), "overflow"),
+    (lambda p: _edit_manifest(p, task={"kind": "classify", "head": "lm", "max_length": 8}), "not a known"),
 ])
 def test_bad_bundles_are_named(bundle_copy, breakage, message):
     breakage(bundle_copy)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from conftest import EXPORTS
 
-from pocketzo.errors import TrainingError
+from pocketzo.errors import PocketzoError, TrainingError
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import BatchSampler, TrainConfig, ZOTrainer, read_log, replay, train
+from pocketzo.zo_trainer import BatchSampler, TrainConfig, ZOTrainer, read_log, replay, replay_run, train
 
 
 def _session_and_batch(bundles, files, name="llama-norms", n=8):
@@ -65,6 +69,25 @@ def test_one_step_matches_float64_reference(bundles, sentiment_files):
     np.testing.assert_allclose(session.params.buffer, theta - cfg.lr * record.grad * z, rtol=0, atol=1e-5)
 
 
+def test_weight_decay_applies_to_matrices_only(bundles, sentiment_files):
+    """Golden check of the fused update with decay: d*theta - lr*g*z on matrices, theta - lr*g*z elsewhere."""
+    session, batch = _session_and_batch(bundles, sentiment_files, name="llama-classify")
+    theta = session.params.buffer.astype(np.float64)
+    cfg = TrainConfig(steps=1, lr=0.05, eps=1e-3, weight_decay=0.2)
+    trainer = ZOTrainer(session, cfg)
+    record = trainer.step(0, batch)
+    z = trainer.perturber.noise(record.seed).astype(np.float64)
+    want = theta - cfg.lr * record.grad * z
+    decayed = 0
+    for s in session.bundle.manifest.trainable:
+        if s.decay:
+            sl = slice(s.offset, s.offset + s.numel)
+            want[sl] -= cfg.lr * cfg.weight_decay * theta[sl]
+            decayed += s.numel
+    assert 0 < decayed < session.params.numel  # both kinds of tensor are present
+    np.testing.assert_allclose(session.params.buffer, want, rtol=0, atol=1e-5)
+
+
 def test_training_reduces_loss_on_a_tiny_task(bundles, sentiment_files, tmp_path):
     cfg = TrainConfig(steps=200, lr=2e-3, eps=1e-3, batch_size=16, seed=3)
     summary = train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg,
@@ -78,14 +101,41 @@ def test_training_reduces_loss_on_a_tiny_task(bundles, sentiment_files, tmp_path
 def test_replay_from_log_is_bit_identical(perturbation, bundles, sentiment_files, tmp_path):
     cfg = TrainConfig(steps=40, lr=2e-3, eps=1e-3, batch_size=8, seed=5, weight_decay=0.1, schedule="cosine",
                       warmup_steps=5, perturbation=perturbation)
-    train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg, show_progress=False)
+    train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", replace(cfg, threads=2),
+          show_progress=False)
     bundle = Bundle(bundles("llama-classify"))
-    params = FlatParameters.from_bundle(bundle)
-    initial = params.buffer.copy()
-    replay(params, cfg, read_log(tmp_path / "run" / "log.jsonl"))
+    initial = FlatParameters.from_bundle(bundle).buffer
     trained = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
     assert not np.array_equal(trained.buffer, initial)
+    # from the run directory alone (config.json + log.jsonl), with a different thread count
+    assert replay_run(bundle.path, tmp_path / "run").buffer.tobytes() == trained.buffer.tobytes()
+    params = FlatParameters.from_bundle(bundle)
+    replay(params, replace(cfg, threads=1), read_log(tmp_path / "run" / "log.jsonl"))
     assert params.buffer.tobytes() == trained.buffer.tobytes()
+
+
+def test_replay_refuses_an_incomplete_log(bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=5, lr=1e-3)
+    train(bundles("llama-norms"), sentiment_files["train"], tmp_path / "run", cfg, show_progress=False)
+    log = tmp_path / "run" / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + "".join(lines[2:]))
+    with pytest.raises(PocketzoError, match="log.jsonl:2: step 2, expected 1"):
+        replay_run(bundles("llama-norms"), tmp_path / "run")
+
+
+def test_a_diverged_run_records_failure_and_keeps_no_weights(bundles, sentiment_files, tmp_path):
+    bundle = Bundle(bundles("llama-norms"))
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle.path, broken)
+    params = FlatParameters.from_bundle(bundle)
+    params.buffer[:] = np.nan
+    params.save(broken / "trainable.safetensors")
+    with pytest.raises(TrainingError, match="step 0: non-finite loss"):
+        train(broken, sentiment_files["train"], tmp_path / "run", TrainConfig(steps=3), show_progress=False)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 0 and "non-finite" in summary["error"]
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
 
 
 def test_same_seed_same_run(bundles, sentiment_files, tmp_path):

@@ -199,15 +199,6 @@ def _mismatch_message(what: str, expected: str, got: str, cache_dir: Path) -> st
     )
 
 
-def verify_sha256(path: Path, expected: str, *, cache_dir: Path) -> None:
-    """Raise AssetError unless ``path`` exists and hashes to ``expected``."""
-    if not path.is_file():
-        raise AssetError(f"{path}: missing; delete the cache directory {cache_dir} and run again")
-    got = sha256_file(path)
-    if got != expected:
-        raise AssetError(_mismatch_message(str(path), expected, got, cache_dir))
-
-
 # --------------------------------------------------------------------------- wheels and raw files
 
 

@@ -15,7 +15,7 @@ import hashlib
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,13 @@ from pocketzo import __version__
 from pocketzo._io import atomic_dir, write_json
 from pocketzo.errors import ExportError
 from pocketzo.export import heads
+from pocketzo.export.config import ExportConfig
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import (
     MANIFEST,
     Bundle,
     HeadKind,
     Manifest,
-    TaskKind,
     TaskSpec,
     ValueSpec,
     layout,
@@ -41,34 +41,6 @@ from pocketzo.runtime.session import SessionConfig, TrainingSession
 
 EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    task: TaskKind
-    max_length: int = 256
-    template: str | None = None  # classify on a causal LM: e.g. "Review: {text}\nSentiment:"
-    labels: tuple[str, ...] = ()  # classify: class names; a causal LM scores " <name>"
-    trainable: str = "all"  # "all" or a regex searched in parameter names
-    freeze: str | None = None  # regex of parameter names to keep frozen
-    seed: int = 0  # initialises a new classification head; draws the parity batch
-    parity_tolerance: float = 1e-4
-
-    def __post_init__(self) -> None:
-        if self.task not in ("causal-lm", "classify"):
-            raise ExportError(f"task must be 'causal-lm' or 'classify', got {self.task!r}")
-        if self.task == "classify" and len(self.labels) < 2:
-            raise ExportError("--task classify needs --labels with at least two names, e.g. negative,positive")
-        if len(set(self.labels)) != len(self.labels):
-            raise ExportError(f"--labels has duplicates: {list(self.labels)}")
-        if self.template is not None and self.template.count("{text}") != 1:
-            raise ExportError("--template must contain '{text}' exactly once")
-        for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):
-            if pattern and pattern != "all":
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
 
 
 def _say(msg: str) -> None:
@@ -94,16 +66,22 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def _load(model: Path, config: ExportConfig):
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
     directory, gguf = _source_files(model)
     kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        return _load_hf(model, directory, gguf, kw, config)
+    except (OSError, ValueError, KeyError) as e:  # what transformers raises for unusable model files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{model}: transformers cannot load it ({first})") from None
+
+
+def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: ExportConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
     hf_config = AutoConfig.from_pretrained(directory, **kw)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ExportError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
     causal = any(a.endswith("ForCausalLM") for a in (hf_config.architectures or []))
     if config.task == "causal-lm" and not causal:
         raise ExportError(f"{model}: --task causal-lm needs a causal LM (config.architectures: "
@@ -136,6 +114,10 @@ def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
         if len(set(token_ids)) != len(token_ids):
             raise ExportError(f"labels {list(config.labels)} share their first token {token_ids}; "
                               "choose label words that start differently")
+        tail = config.template.split("{text}", 1)[1]
+        if len(tokenizer.encode(tail, add_special_tokens=False)) + 2 > config.max_length:
+            raise ExportError(f"--max-length {config.max_length} leaves no room for text after the template's "
+                              f"tail {tail!r}")
     return TaskSpec(config.task, head, config.max_length, config.template if head == "prompt" else None,
                     tuple(config.labels) if config.task == "classify" else (), token_ids)
 
@@ -206,6 +188,8 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     model, out = Path(model), Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: exists; choose another --out or pass --overwrite")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise ExportError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to overwrite it")
     _say(f"loading {model}")
     net, tokenizer, head, source = _load(model, config)
     task = _task_spec(config, head, tokenizer)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from pocketzo.runtime.data import IGNORE
 
 
 class CausalLMLoss(nn.Module):

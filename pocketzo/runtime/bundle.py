@@ -14,7 +14,7 @@ The device side reads it with numpy + onnxruntime only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +43,9 @@ class TaskSpec:
     label_token_ids: tuple[int, ...] = ()  # prompt head: first token of " <label>"
 
     def __post_init__(self) -> None:
+        heads = {"causal-lm": ("lm",), "classify": ("prompt", "head")}
+        if self.head not in heads.get(self.kind, ()):
+            raise BundleError(f"task kind {self.kind!r} with head {self.head!r} is not a known combination")
         if self.max_length < 2:
             raise BundleError(f"max_length must be >= 2, got {self.max_length}")
         if self.kind == "classify" and len(self.labels) < 2:
@@ -113,8 +116,10 @@ class Manifest:
             )
         try:
             task = obj["task"]
+            known = {f.name for f in fields(TaskSpec)}  # newer optional keys are ignored
             return cls(
-                task=TaskSpec(**{**task, "labels": tuple(task.get("labels", ())),
+                task=TaskSpec(**{**{k: v for k, v in task.items() if k in known},
+                                 "labels": tuple(task.get("labels", ())),
                                  "label_token_ids": tuple(task.get("label_token_ids", ()))}),
                 inputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["inputs"]),
                 outputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["outputs"]),

@@ -27,27 +27,20 @@ class Batch:
     attention_mask: npt.NDArray[np.int64]  # (B, T)
     labels: npt.NDArray[np.int64]  # (B, T) token targets for causal-lm, (B,) class indices for classify
 
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 @dataclass(frozen=True)
 class Dataset:
-    """Tokenized rows of one file."""
+    """Tokenized rows of one file: per-row token targets (causal-lm) or class indices (classify)."""
 
     path: Path
     ids: tuple[npt.NDArray[np.int64], ...]
-    targets: tuple[npt.NDArray[np.int64], ...] | npt.NDArray[np.int64]  # per-row token labels, or class ids
     n_truncated: int
     pad_token_id: int
+    token_labels: tuple[npt.NDArray[np.int64], ...] | None = None  # causal-lm
+    classes: npt.NDArray[np.int64] | None = None  # classify
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def classes(self) -> npt.NDArray[np.int64] | None:
-        return self.targets if isinstance(self.targets, np.ndarray) else None
 
     def batch(self, indices: Sequence[int] | npt.NDArray[np.integer]) -> Batch:
         """Right-pad the rows at ``indices`` to the longest of them."""
@@ -58,25 +51,28 @@ class Dataset:
         for j, r in enumerate(rows):
             ids[j, : len(r)] = r
             mask[j, : len(r)] = 1
-        if isinstance(self.targets, np.ndarray):
-            labels = self.targets[np.asarray(indices)]
+        if self.classes is not None:
+            labels = self.classes[np.asarray(indices)]
         else:
             labels = np.full((len(rows), t), IGNORE, dtype=np.int64)
             for j, i in enumerate(indices):
-                labels[j, : len(self.targets[i])] = self.targets[i]
+                labels[j, : len(self.token_labels[i])] = self.token_labels[i]
         return Batch(ids, mask, labels)
 
     def lengths(self) -> npt.NDArray[np.int64]:
         return np.array([len(r) for r in self.ids], dtype=np.int64)
 
 
-def read_jsonl(path: str | Path, task: TaskSpec) -> list[dict]:
-    """Read and check every row; errors name the file and 1-based line and say what to fix."""
+def read_jsonl(path: str | Path, task: TaskSpec) -> list[tuple[int, dict]]:
+    """Read and check every row; returns ``(line number, row)`` pairs. Errors name the file and
+    1-based line and say what to fix."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
+        raise DataError(f"{path}: data file not found; check the path") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); pass a readable JSONL file") from None
     rows = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -96,7 +92,7 @@ def read_jsonl(path: str | Path, task: TaskSpec) -> list[dict]:
             )
         if "prompt" in row and not isinstance(row["prompt"], str):
             raise DataError(f'{where}: "prompt" must be a string')
-        rows.append(row)
+        rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")
     return rows
@@ -151,11 +147,14 @@ class TextEncoder:
 
     def dataset(self, path: str | Path) -> Dataset:
         rows = read_jsonl(path, self.task)
-        encoded = [self.encode(r) for r in rows]
+        encoded = [self.encode(r) for _, r in rows]
         ids = tuple(e[0] for e in encoded)
-        for lineno, (r, e) in enumerate(zip(rows, encoded, strict=True), 1):
-            if self.task.kind == "causal-lm" and (e[1] != IGNORE).sum() < 2:
-                raise DataError(f"{path}: row {lineno} ({r['text'][:30]!r}) has fewer than 2 tokens to learn from")
-        targets = (np.array([e[1] for e in encoded], np.int64) if self.task.kind == "classify"
-                   else tuple(e[1] for e in encoded))
-        return Dataset(Path(path), ids, targets, sum(e[2] for e in encoded), self.pad_token_id)
+        n_truncated = sum(e[2] for e in encoded)
+        if self.task.kind == "classify":
+            return Dataset(Path(path), ids, n_truncated, self.pad_token_id,
+                           classes=np.array([e[1] for e in encoded], np.int64))
+        for (lineno, _), e in zip(rows, encoded, strict=True):
+            if (e[1] != IGNORE).sum() < 2:
+                raise DataError(f"{path}:{lineno}: fewer than 2 tokens to learn from; drop the row or "
+                                "move text out of its prompt")
+        return Dataset(Path(path), ids, n_truncated, self.pad_token_id, token_labels=tuple(e[1] for e in encoded))

@@ -68,7 +68,7 @@ class FlatParameters:
     def __init__(self, specs: Sequence[TensorSpec], buffer_elements: int):
         self.specs = tuple(specs)
         self.buffer = aligned_empty(buffer_elements)
-        self.buffer[:] = 0.0  # alignment padding stays zero forever
+        self.buffer[:] = 0.0  # alignment gaps: read by no tensor (the noise passes touch them too)
         self.views = {
             s.name: self.buffer[s.offset : s.offset + s.numel].reshape(s.shape) for s in self.specs
         }
@@ -110,6 +110,11 @@ class TrainingSession:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{bundle.model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") \
                 from None
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        missing = [name for name in self.params.views if name not in graph_inputs]
+        if missing:
+            raise BundleError(f"{bundle.model_path}: the manifest's trainable tensors {missing[:3]} are not inputs "
+                              "of the graph; the bundle is inconsistent, re-export it")
         self._binding = self.session.io_binding()
         # The OrtValues must outlive the binding: keep them on self.
         self._weights = {
@@ -131,12 +136,20 @@ class TrainingSession:
     ) -> dict[str, np.ndarray]:
         """One forward pass over the current contents of the flat buffer."""
         b = self._binding
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        b.bind_cpu_input("labels", np.ascontiguousarray(labels, dtype=np.int64))
+        # ORT binds these by pointer: keep the (possibly converted) arrays alive until the run ends.
+        feeds = {name: np.ascontiguousarray(a, dtype=np.int64)
+                 for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))}
+        for name, array in feeds.items():
+            b.bind_cpu_input(name, array)
         # Outputs are re-bound unallocated each run: their shapes follow the batch.
         b.clear_binding_outputs()
         for name in outputs:
             b.bind_output(name, "cpu")
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:  # e.g. a sequence longer than the model's position table
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            reason = lines[-1][:300] if lines else type(e).__name__
+            raise BundleError(f"{self.bundle.model_path}: ONNX Runtime failed on a batch of shape "
+                              f"{feeds['input_ids'].shape} ({reason})") from None
         return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))

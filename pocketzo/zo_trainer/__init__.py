@@ -3,7 +3,7 @@
 from pocketzo.zo_trainer.config import TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.noise import Perturber
-from pocketzo.zo_trainer.run import BatchSampler, read_log, train
+from pocketzo.zo_trainer.run import BatchSampler, read_log, replay_run, train
 from pocketzo.zo_trainer.trainer import StepRecord, ZOTrainer, replay, step_seed
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "evaluate",
     "read_log",
     "replay",
+    "replay_run",
     "step_seed",
     "train",
 ]

@@ -28,7 +28,7 @@ class TrainConfig:
     warmup_steps: int = 0
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     eval_batch_size: int = 32
-    noise_chunk: int = CHUNK_ELEMENTS  # recorded so a replay can check it uses the same noise
+    noise_chunk: int = CHUNK_ELEMENTS  # recorded so that a replay can refuse noise it cannot regenerate
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -14,8 +14,8 @@ DEMO_RUN    := runs/demo
 DEMO_MODEL  := $(CACHE)/smollm2-135m-instruct
 DEMO_DATA   := $(CACHE)/data/rotten_tomatoes
 DEMO_EXPORT := --task classify --template "Review: {text}\nSentiment:" --labels negative,positive \
-               --trainable 'norm\.weight$$' --max-length 96
-DEMO_TRAIN  := --steps 600 --batch-size 16 --lr 3e-3 --eps 1e-2 --seed 0 --eval-every 200
+               --trainable 'norm\.weight$$' --max-length 64
+DEMO_TRAIN  := --steps 400 --batch-size 16 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
 
 .PHONY: setup test lint demo clean
 

@@ -87,6 +87,7 @@ class _Loop:
         self.sampler = BatchSampler(len(train_data), config.batch_size, config.seed)
         self.evals: list[dict] = []
         self.step_seconds: list[float] = []
+        self.forward_seconds: list[float] = []  # per forward pass
         self.steps_done = 0
 
     def evaluate(self, step: int, bar: Progress | None = None) -> EvalResult | None:
@@ -107,6 +108,7 @@ class _Loop:
                 log.flush()
                 self.steps_done = step + 1
                 self.step_seconds.append(record.seconds)
+                self.forward_seconds.append(record.forward_seconds / 2)
                 bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
                 if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
                     self.evaluate(self.steps_done, bar)
@@ -184,6 +186,7 @@ def _measured(loop: _Loop, t_start: float) -> dict:
         "forward_passes": 2 * loop.steps_done,
         "eval_forward_passes": sum(e["forward_passes"] for e in loop.evals),
         "step_seconds_median": statistics.median(loop.step_seconds) if loop.step_seconds else None,
+        "forward_seconds_median": statistics.median(loop.forward_seconds) if loop.forward_seconds else None,
         "wall_seconds": time.perf_counter() - t_start,
         "peak_rss_mb": peak_rss_mb(),
         "initial_eval": loop.evals[0] if loop.evals else None,

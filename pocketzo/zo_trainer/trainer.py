@@ -42,7 +42,8 @@ class StepRecord:
     eps: float
     loss_plus: float
     loss_minus: float
-    seconds: float
+    seconds: float  # the whole step
+    forward_seconds: float = 0.0  # of which in the two forward passes (the rest is the noise passes)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,9 +74,13 @@ class ZOTrainer:
         t0 = time.perf_counter()
         seed, eps, lr = step_seed(cfg.seed, step), cfg.eps, cfg.lr_at(step)
         p.add(seed, eps)
+        t1 = time.perf_counter()
         loss_plus = self._loss(batch)
+        t2 = time.perf_counter()
         p.add(seed, -2.0 * eps)
+        t3 = time.perf_counter()
         loss_minus = self._loss(batch)
+        forward = (t2 - t1) + (time.perf_counter() - t3)
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
             p.add(seed, eps)  # undo the perturbation; the weights are as before the step
             raise TrainingError(
@@ -84,7 +89,7 @@ class ZOTrainer:
             )
         grad = (loss_plus - loss_minus) / (2.0 * eps)
         _update_pass(p, seed, eps, lr, grad, cfg.weight_decay)
-        return StepRecord(step, seed, grad, lr, eps, loss_plus, loss_minus, time.perf_counter() - t0)
+        return StepRecord(step, seed, grad, lr, eps, loss_plus, loss_minus, time.perf_counter() - t0, forward)
 
 
 def replay(params: FlatParameters, config: TrainConfig, records: Iterable[StepRecord]) -> None:

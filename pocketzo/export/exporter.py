@@ -15,6 +15,7 @@ import hashlib
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -201,12 +202,16 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         _say("tracing the loss graph with torch.onnx (dynamo)")
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
         label_axes = {0: batch} if task.kind == "classify" else {0: batch, 1: seq}
-        onnx_program = torch.onnx.export(
-            wrapper, sample, dynamo=True, optimize=False, verbose=False,
-            input_names=["input_ids", "attention_mask", "labels"], output_names=list(wrapper.outputs),
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                            "labels": label_axes},
-        )
+        with warnings.catch_warnings():  # the exporter's deprecation and axis-naming chatter
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            onnx_program = torch.onnx.export(
+                wrapper, sample, dynamo=True, optimize=False, verbose=False,
+                input_names=["input_ids", "attention_mask", "labels"], output_names=list(wrapper.outputs),
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                                "labels": label_axes},
+            )
         proto = onnx_program.model_proto
         lifted = _lift_trainable(proto, net, trainable)
         params = dict(net.named_parameters())

@@ -39,6 +39,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[s
             kw["help"] += f" (default {default!r})"
         if typing.get_origin(hint) is typing.Literal:
             kw["choices"] = typing.get_args(hint)
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kw["type"] = _comma_list
         elif default is None or default is dataclasses.MISSING:

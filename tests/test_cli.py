@@ -56,6 +56,18 @@ def test_run_directory_is_not_silently_overwritten(bundles, sentiment_files, tmp
     assert _run(*args, "--overwrite").returncode == 0
 
 
+def test_flags_come_from_the_config_dataclasses():
+    from pocketzo.cli import build_parser
+
+    p = build_parser()
+    ev = p.parse_args(["eval", "b", "--data", "d", "--no-cpu-mem-arena", "--optimization", "basic"])
+    assert ev.cpu_mem_arena is False and ev.mem_pattern is True and ev.optimization == "basic"
+    ex = p.parse_args(["export", "m", "--out", "o", "--task", "classify", "--labels", "neg, pos"])
+    assert ex.labels == ("neg", "pos") and ex.max_length == 256 and ex.template is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["train", "b", "--data", "d", "--out", "o"])  # --steps is required
+
+
 def test_debug_shows_the_traceback(tmp_path):
     proc = _run("eval", tmp_path / "missing", "--data", tmp_path / "x.jsonl", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "BundleError" in proc.stderr

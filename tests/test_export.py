@@ -160,3 +160,21 @@ def test_export_config_rejects_bad_options(kwargs, message):
 
     with pytest.raises(ExportError, match=message):
         ExportConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kind, architectures, gguf, causal", [
+    ("llama", ["LlamaForCausalLM"], None, True),
+    ("llama", None, None, True),  # a bare config
+    ("llama", None, "m.gguf", True),  # GGUF configs name no architectures
+    ("opt", None, None, True),
+    ("bert", None, None, False),
+    ("bert", ["BertModel"], None, False),  # all-MiniLM-L6-v2
+    ("bert", ["BertForSequenceClassification"], None, False),
+])
+def test_decoder_or_encoder_is_told_apart(kind, architectures, gguf, causal):
+    from transformers import BertConfig, LlamaConfig, OPTConfig
+
+    from pocketzo.export.exporter import _is_causal_lm
+
+    config = {"llama": LlamaConfig, "opt": OPTConfig, "bert": BertConfig}[kind](architectures=architectures)
+    assert _is_causal_lm(config, gguf) is causal

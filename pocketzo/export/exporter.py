@@ -83,7 +83,7 @@ def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: E
     positions = getattr(hf_config, "max_position_embeddings", None)
     if positions is not None and config.max_length > positions:
         raise ExportError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
-    causal = any(a.endswith("ForCausalLM") for a in (hf_config.architectures or []))
+    causal = _is_causal_lm(hf_config, gguf)
     if config.task == "causal-lm" and not causal:
         raise ExportError(f"{model}: --task causal-lm needs a causal LM (config.architectures: "
                           f"{hf_config.architectures})")
@@ -104,6 +104,21 @@ def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: E
     source = {"name": model.name, "model_type": hf_config.model_type, "sha256": _sha256(weights),
               "files": [p.name for p in weights]}
     return net.eval(), tokenizer, head, source
+
+
+def _is_causal_lm(hf_config, gguf: str | None) -> bool:
+    """Decoder-only LM? From ``architectures`` when the config names them; GGUF configs and bare
+    configs do not, so then from the model type (encoders such as BERT also have a masked-LM head)."""
+    if hf_config.architectures:
+        return any(a.endswith("ForCausalLM") for a in hf_config.architectures)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = hf_config.model_type
+    return bool(gguf) or (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                          and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:

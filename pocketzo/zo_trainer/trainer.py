@@ -60,8 +60,7 @@ class ZOTrainer:
     def __init__(self, session: TrainingSession, config: TrainConfig):
         self.session = session
         self.config = config
-        decay = session.params.segments(decay=True) if config.weight_decay > 0 else ()
-        self.perturber = Perturber(session.params.buffer, config.perturbation, _threads(config), decay)
+        self.perturber = _perturber(session.params, config)
 
     def close(self) -> None:
         self.perturber.close()
@@ -82,7 +81,7 @@ class ZOTrainer:
         loss_minus = self._loss(batch)
         forward = (t2 - t1) + (time.perf_counter() - t3)
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            p.add(seed, eps)  # undo the perturbation; the weights are as before the step
+            p.add(seed, eps)  # undo the perturbation (exact up to float32 rounding)
             raise TrainingError(
                 f"step {step}: non-finite loss (L+={loss_plus}, L-={loss_minus}); "
                 "lower --lr or --eps, or check the data"
@@ -97,13 +96,13 @@ def replay(params: FlatParameters, config: TrainConfig, records: Iterable[StepRe
 
     Runs the same float32 passes in the same order as training, so the result is bit-identical.
     """
-    decay = params.segments(decay=True) if config.weight_decay > 0 else ()
-    with Perturber(params.buffer, config.perturbation, _threads(config), decay) as p:
+    with _perturber(params, config) as p:
         for r in records:
             p.add(r.seed, r.eps)
             p.add(r.seed, -2.0 * r.eps)
             _update_pass(p, r.seed, r.eps, r.lr, r.grad, config.weight_decay)
 
 
-def _threads(config: TrainConfig) -> int:
-    return config.threads or os.cpu_count() or 1
+def _perturber(params: FlatParameters, config: TrainConfig) -> Perturber:
+    decay = params.segments(decay=True) if config.weight_decay > 0 else ()
+    return Perturber(params.buffer, config.perturbation, config.threads or os.cpu_count() or 1, decay)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pocketzo.runtime.session import aligned_empty
-from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Perturber
+from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Perturber, Term
 
 
 def _buffer(n, seed=0):
@@ -72,3 +72,31 @@ def test_fused_decay_matches_reference():
     for a, b in segments:
         want[a:b] = 0.9 * ref[a:b] + 0.3 * z[a:b]
     np.testing.assert_allclose(buf, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_fused_terms_equal_separate_passes_bit_for_bit(distribution):
+    """The trainer fuses a step's update with the next step's perturbation; replay runs them apart."""
+    segments = [(100, CHUNK_ELEMENTS + 50)]
+    a, b = _buffer(N), _buffer(N)
+    terms = (Term(3, -0.02, decay_factor=0.99, decay_coef=-0.015), Term(4, 1e-3))
+    with Perturber(a, distribution, 2, segments) as fused, Perturber(b, distribution, 1, segments) as apart:
+        fused.apply(*terms)
+        for t in terms:
+            apart.apply(t)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_scaled_rademacher_is_exactly_plus_minus_coef():
+    buf = np.zeros(N, np.float32)
+    with Perturber(buf, "rademacher") as p:
+        p.add(11, 0.37)
+        np.testing.assert_array_equal(buf, np.float32(0.37) * p.noise(11))
+
+
+def test_gaussian_tails_and_moments():
+    """Box-Muller on 23-bit uniforms: unit variance, no kurtosis bias, finite and bounded by 5.65."""
+    z = Perturber(np.zeros(4 * CHUNK_ELEMENTS + 1, np.float32), "gaussian").noise(8).astype(np.float64)
+    assert np.isfinite(z).all() and np.abs(z).max() <= 5.66
+    assert abs(z.var() - 1) < 0.01 and abs((z**4).mean() - 3) < 0.05
+    assert abs((np.abs(z) > 2).mean() - 0.0455) < 0.002  # the two-sided tail of N(0, 1) beyond 2

@@ -56,6 +56,7 @@ def test_one_step_matches_float64_reference(bundles, sentiment_files):
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-2, perturbation="gaussian")
     trainer = ZOTrainer(session, cfg)
     record = trainer.step(0, batch)
+    trainer.sync()  # the update is deferred to the next step's first pass
     z = trainer.perturber.noise(record.seed).astype(np.float64)
 
     def loss_at(values):
@@ -76,6 +77,7 @@ def test_weight_decay_applies_to_matrices_only(bundles, sentiment_files):
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-3, weight_decay=0.2)
     trainer = ZOTrainer(session, cfg)
     record = trainer.step(0, batch)
+    trainer.sync()
     z = trainer.perturber.noise(record.seed).astype(np.float64)
     want = theta - cfg.lr * record.grad * z
     decayed = 0
@@ -100,9 +102,10 @@ def test_training_reduces_loss_on_a_tiny_task(bundles, sentiment_files, tmp_path
 @pytest.mark.parametrize("perturbation", ["rademacher", "gaussian"])
 def test_replay_from_log_is_bit_identical(perturbation, bundles, sentiment_files, tmp_path):
     cfg = TrainConfig(steps=40, lr=2e-3, eps=1e-3, batch_size=8, seed=5, weight_decay=0.1, schedule="cosine",
-                      warmup_steps=5, perturbation=perturbation)
+                      warmup_steps=5, perturbation=perturbation, eval_every=15)
+    # evaluations mid-run sync the deferred update at steps 15 and 30: replay must not depend on it
     train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", replace(cfg, threads=2),
-          show_progress=False)
+          eval_path=sentiment_files["dev"], show_progress=False)
     bundle = Bundle(bundles("llama-classify"))
     initial = FlatParameters.from_bundle(bundle).buffer
     trained = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
@@ -112,6 +115,16 @@ def test_replay_from_log_is_bit_identical(perturbation, bundles, sentiment_files
     params = FlatParameters.from_bundle(bundle)
     replay(params, replace(cfg, threads=1), read_log(tmp_path / "run" / "log.jsonl"))
     assert params.buffer.tobytes() == trained.buffer.tobytes()
+
+
+def test_replay_refuses_gaussian_noise_of_another_version(bundles, sentiment_files, tmp_path):
+    cfg = TrainConfig(steps=2, perturbation="gaussian")
+    train(bundles("llama-norms"), sentiment_files["train"], tmp_path / "run", cfg, show_progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["train"]["version"] = 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PocketzoError, match="config version 1"):
+        replay_run(bundles("llama-norms"), tmp_path / "run")
 
 
 def test_replay_refuses_an_incomplete_log(bundles, sentiment_files, tmp_path):

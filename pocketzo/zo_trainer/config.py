@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
 
 Schedule = Literal["constant", "linear", "cosine"]
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: Gaussian noise by Box-Muller (version 1 used numpy's ziggurat)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pocketzo.mobile_harness.memory import peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
-from pocketzo.zo_trainer.config import TrainConfig
+from pocketzo.zo_trainer.config import CONFIG_VERSION, TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
 from pocketzo.zo_trainer.trainer import StepRecord, ZOTrainer, replay
@@ -93,6 +93,7 @@ class _Loop:
     def evaluate(self, step: int, bar: Progress | None = None) -> EvalResult | None:
         if self.eval_data is None:
             return None
+        self.trainer.sync()
         result = evaluate(self.session, self.eval_data, self.config.eval_batch_size)
         self.evals.append({"step": step, **result.to_json()})
         if bar is not None:
@@ -216,6 +217,10 @@ def replay_run(bundle_path: str | Path, run: str | Path) -> FlatParameters:
         config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8"))["train"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PocketzoError(f"{run / CONFIG}: cannot read the run's training config ({e})") from None
+    if config.version != CONFIG_VERSION and config.perturbation == "gaussian":
+        raise PocketzoError(f"{run}: trained with config version {config.version}, whose Gaussian noise this "
+                            f"pocketzo (version {CONFIG_VERSION}) does not draw; replay it with the pocketzo that "
+                            "trained it")
     if config.noise_chunk != CHUNK_ELEMENTS:
         raise PocketzoError(f"{run}: trained with noise chunks of {config.noise_chunk} elements, this pocketzo "
                             f"draws {CHUNK_ELEMENTS}; its noise cannot be regenerated here")

@@ -1,13 +1,15 @@
-"""ZO-SGD (MeZO) on the flat buffer: two forward passes and three noise passes per step.
+"""ZO-SGD (MeZO) on the flat buffer: two forward passes and two memory passes per step.
 
-    theta += eps z          -> L+
-    theta -= 2 eps z        -> L-
+    theta += eps z_k                 -> L+    (one pass, fused with step k-1's update)
+    theta -= 2 eps z_k               -> L-    (one pass)
     g = (L+ - L-) / (2 eps)
-    theta += (eps - lr g) z     restore and update fused into one pass
-             (with decay d = 1 - lr wd on matrices: theta = d theta + (d eps - lr g) z)
+    theta += (eps - lr g) z_k        restore and update, deferred: applied in the same pass as
+                                     step k+1's +eps z_{k+1}, or by ``sync()``
+             (with decay d = 1 - lr wd on matrices: theta = d theta + (d eps - lr g) z_k)
 
 z is regenerated from the step seed each time (see ``noise``). A step is fully described by
-its seed and g, so initial weights + the log rebuild the final weights bit for bit (``replay``).
+its seed and g, so initial weights + the log rebuild the final weights bit for bit (``replay``):
+a fused pass does per element exactly the float32 operations of separate passes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pocketzo.errors import TrainingError
 from pocketzo.runtime.data import Batch
 from pocketzo.runtime.session import FlatParameters, TrainingSession
 from pocketzo.zo_trainer.config import TrainConfig
-from pocketzo.zo_trainer.noise import Perturber
+from pocketzo.zo_trainer.noise import Perturber, Term
 
 
 def step_seed(run_seed: int, step: int) -> int:
@@ -49,20 +51,32 @@ class StepRecord:
         return asdict(self)
 
 
-def _update_pass(perturber: Perturber, seed: int, eps: float, lr: float, grad: float, weight_decay: float) -> None:
+def _update_term(seed: int, eps: float, lr: float, grad: float, weight_decay: float) -> Term:
+    """Restore theta from theta - eps z and apply the SGD update (and decay) in one term."""
     d = 1.0 - lr * weight_decay
-    perturber.add(seed, eps - lr * grad, decay_factor=d, decay_coef=d * eps - lr * grad)
+    return Term(seed, eps - lr * grad, decay_factor=d, decay_coef=d * eps - lr * grad)
 
 
 class ZOTrainer:
-    """Owns the perturber over a session's flat buffer and runs ZO-SGD steps."""
+    """Owns the perturber over a session's flat buffer and runs ZO-SGD steps.
+
+    Between steps the buffer holds theta - eps z of the last step (its update is pending):
+    call ``sync()`` before reading the weights (evaluation, saving). ``close()`` syncs.
+    """
 
     def __init__(self, session: TrainingSession, config: TrainConfig):
         self.session = session
         self.config = config
         self.perturber = _perturber(session.params, config)
+        self._pending: tuple[Term, ...] = ()
+
+    def sync(self) -> None:
+        """Apply the pending update, so that the buffer holds the current weights."""
+        self.perturber.apply(*self._pending)
+        self._pending = ()
 
     def close(self) -> None:
+        self.sync()
         self.perturber.close()
 
     def _loss(self, batch: Batch) -> float:
@@ -72,7 +86,8 @@ class ZOTrainer:
         cfg, p = self.config, self.perturber
         t0 = time.perf_counter()
         seed, eps, lr = step_seed(cfg.seed, step), cfg.eps, cfg.lr_at(step)
-        p.add(seed, eps)
+        p.apply(*self._pending, Term(seed, eps))
+        self._pending = ()
         t1 = time.perf_counter()
         loss_plus = self._loss(batch)
         t2 = time.perf_counter()
@@ -87,7 +102,7 @@ class ZOTrainer:
                 "lower --lr or --eps, or check the data"
             )
         grad = (loss_plus - loss_minus) / (2.0 * eps)
-        _update_pass(p, seed, eps, lr, grad, cfg.weight_decay)
+        self._pending = (_update_term(seed, eps, lr, grad, cfg.weight_decay),)
         return StepRecord(step, seed, grad, lr, eps, loss_plus, loss_minus, time.perf_counter() - t0, forward)
 
 
@@ -100,7 +115,7 @@ def replay(params: FlatParameters, config: TrainConfig, records: Iterable[StepRe
         for r in records:
             p.add(r.seed, r.eps)
             p.add(r.seed, -2.0 * r.eps)
-            _update_pass(p, r.seed, r.eps, r.lr, r.grad, config.weight_decay)
+            p.apply(_update_term(r.seed, r.eps, r.lr, r.grad, config.weight_decay))
 
 
 def _perturber(params: FlatParameters, config: TrainConfig) -> Perturber:

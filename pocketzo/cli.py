@@ -59,7 +59,10 @@ def _dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: objec
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from pocketzo.export.assets import prepare_assets
+    try:
+        from pocketzo.export.assets import prepare_assets
+    except ImportError:
+        return _desktop_only(args)
 
     assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json)
     if args.json:
@@ -68,6 +71,11 @@ def cmd_assets(args: argparse.Namespace) -> int:
         for k, v in assets.to_json().items():
             print(f"{k:10s} {v}")
     return 0
+
+
+def _desktop_only(args: argparse.Namespace) -> int:
+    raise PocketzoError(f"`pocketzo {args.command}` runs on the desktop: this copy of pocketzo has no exporter "
+                        "(install pocketzo[export] on a desktop and copy the bundle to the device)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -113,8 +121,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pocketzo._io import write_json
+    from pocketzo.mobile_harness.bench import BenchConfig, run_bench
+
+    config = _dataclass_from_args(BenchConfig, args)
+    report = run_bench(args.bundle, config)
+    if args.json:
+        write_json(args.json, report)
+    if args.plot:
+        from pocketzo.plots import bench_figure  # desktop only: needs matplotlib
+
+        bench_figure(report, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from pocketzo.export.config import ExportConfig
+    from pocketzo.mobile_harness.bench import BenchConfig
+    from pocketzo.mobile_harness.memory import PROFILES
     from pocketzo.runtime.session import SessionConfig
     from pocketzo.zo_trainer.config import TrainConfig
 
@@ -133,13 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="export a Hugging Face model (dir or .gguf) to a bundle (desktop)")
     e.add_argument("model")
     e.add_argument("--out", required=True)
-    _add_dataclass_flags(e, ExportConfig, help={
-        "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',
-        "labels": "classify: comma-separated class names, e.g. negative,positive",
-        "trainable": "'all' or a regex of parameter names to train",
-        "freeze": "regex of parameter names to keep frozen"})
-    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    e.set_defaults(func=cmd_export)
+    try:
+        from pocketzo.export.config import ExportConfig
+    except ImportError:  # a device copy of pocketzo without the desktop exporter
+        e.set_defaults(func=_desktop_only)
+    else:
+        _add_dataclass_flags(e, ExportConfig, help={
+            "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',
+            "labels": "classify: comma-separated class names, e.g. negative,positive",
+            "trainable": "'all' or a regex of parameter names to train",
+            "freeze": "regex of parameter names to keep frozen"})
+        e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+        e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("train", parents=[common], help="fine-tune a bundle with zeroth-order SGD (device)")
     t.add_argument("bundle")
@@ -160,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(v, SessionConfig, help={"threads": "intra-op threads, 0 = one per core"})
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", parents=[common],
+                       help="step time, forward latency and memory of a bundle on this device (device)")
+    b.add_argument("bundle")
+    _add_dataclass_flags(b, BenchConfig, {"version"}, help={
+        "memory_budget": "run under this address-space limit (e.g. 4G) and report whether it fits",
+        "profile": "a phone preset: " + ", ".join(f"{k} ({v.app_budget}, {v.threads} threads)"
+                                                  for k, v in PROFILES.items())})
+    b.add_argument("--json", help="write the full report (with the memory timeline) to this file")
+    b.add_argument("--plot", help="draw the step breakdown and memory over time to this PNG (needs matplotlib)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -79,3 +79,19 @@ def test_device_side_does_not_import_desktop_libraries():
             "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'optimum', 'onnxscript') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_device_commands_run_without_the_exporter_or_desktop_libraries(bundles, sentiment_files, tmp_path):
+    """A phone gets pocketzo without export/ and without torch: train, eval and bench must not need them."""
+    blocked = ("pocketzo.export", "torch", "transformers", "onnx", "onnxscript", "optimum", "matplotlib")
+    b, data = bundles("llama-norms"), sentiment_files["train"]
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None  # any import of them fails\n"
+            "from pocketzo.cli import main\n"
+            f"assert main(['train', {str(b)!r}, '--data', {str(data)!r}, '--steps', '2', '--out', "
+            f"{str(tmp_path / 'run')!r}, '--quiet']) == 0\n"
+            f"assert main(['eval', {str(b)!r}, '--data', {str(data)!r}]) == 0\n"
+            f"assert main(['bench', {str(b)!r}, '--batch-size', '1', '--seq-len', '4', '--steps', '1']) == 0\n"
+            f"assert main(['export', 'm', '--out', {str(tmp_path / 'x')!r}]) == 1\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "runs on the desktop" in proc.stderr

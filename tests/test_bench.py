@@ -1,0 +1,81 @@
+"""The mobile harness: baked model parity, bench report, memory budgets, phone profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from pocketzo.errors import PocketzoError
+from pocketzo.mobile_harness.bake import bake
+from pocketzo.mobile_harness.bench import BenchConfig, run_bench
+from pocketzo.mobile_harness.memory import PROFILES, parse_bytes
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
+
+
+def _batch(bundle, b=3, t=9):
+    ids = np.random.default_rng(1).integers(0, 20, (b, t))
+    mask = np.ones_like(ids)
+    mask[0, 6:] = 0  # one padded row
+    labels = np.array([0, 1, 1]) if bundle.task.kind == "classify" else np.where(mask == 1, ids, -100)
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("name", ["llama-classify", "opt-causal", "bert-classify", "llama-norms"])
+def test_baked_model_computes_the_training_loss(name, bundles, tmp_path):
+    bundle = Bundle(bundles(name))
+    # trained-looking weights: the baked graph must read the file it was given, not the bundle's
+    params = FlatParameters.from_bundle(bundle)
+    params.buffer *= 1.5
+    params.save(tmp_path / "w.safetensors")
+    baked = bake(bundle, tmp_path / "baked", tmp_path / "w.safetensors")
+    sess = ort.InferenceSession(str(baked), providers=["CPUExecutionProvider"])
+    trainable = {s.name for s in bundle.manifest.trainable}
+    assert not trainable & {i.name for i in sess.get_inputs()}  # weights are no longer inputs
+    ids, mask, labels = _batch(bundle)
+    got = sess.run(["loss"], {"input_ids": ids, "attention_mask": mask, "labels": labels})[0]
+    want = TrainingSession(bundle, SessionConfig(threads=1), params).run(ids, mask, labels)["loss"]
+    assert abs(float(got) - float(want)) <= 1e-6
+    assert baked.stat().st_size < bundle.model_path.stat().st_size + 64 * len(trainable) + 4096  # nothing copied
+
+
+def test_bench_reports_every_number(bundles):
+    lines = []
+    r = run_bench(bundles("llama-classify"), BenchConfig(batch_size=2, seq_len=8, threads=1, steps=3, warmup=1),
+                  log=lines.append)
+    for key in ("forward_baked_s", "forward_train_s", "step_s", "overhead_ratio", "peak_rss_mb",
+                "inference_peak_rss_mb"):
+        assert r[key] > 0, key
+    assert r["step_s"] >= r["step_forward_s"] > 0 and r["step_noise_s"] >= 0
+    assert r["overhead_ratio"] == pytest.approx(r["step_s"] / (2 * r["forward_baked_s"]))
+    # each measurement ran in its own fresh process: far below the test process's own RSS
+    assert r["peak_rss_mb"] < 1000 and r["rss_split_mb"]["interpreter_and_libraries"] > 0
+    assert r["timeline"]["train"]["samples"] and r["fits"] is None
+    assert any("overhead ratio" in line for line in lines)
+
+
+def test_memory_budget_fits_or_says_what_it_needs(bundles):
+    roomy = run_bench(bundles("llama-classify"), BenchConfig(batch_size=1, seq_len=4, threads=1, steps=1, warmup=0,
+                                                             memory_budget="16G"), log=lambda _: None)
+    assert roomy["fits"]["fits"] is True
+    lines = []
+    tight = run_bench(bundles("llama-classify"), BenchConfig(batch_size=1, seq_len=4, threads=1, steps=1, warmup=0,
+                                                             memory_budget="64M"), log=lines.append)
+    assert tight["fits"]["fits"] is False and tight["fits"]["needs_mb"] > 64
+    assert any("does not fit: needs about" in line for line in lines)
+
+
+def test_profiles_and_sizes():
+    assert parse_bytes("4G") == 4 * 10**9 and parse_bytes("1500M") == 1.5e9 and parse_bytes("2GiB") == 2 * 2**30
+    with pytest.raises(PocketzoError, match="cannot read memory size"):
+        parse_bytes("lots")
+    cfg = BenchConfig(profile="budget-4gb").resolved()
+    assert cfg.threads == PROFILES["budget-4gb"].threads and cfg.memory_budget == PROFILES["budget-4gb"].app_budget
+    assert BenchConfig(profile="budget-4gb", threads=1).resolved().threads == 1  # explicit flags win
+    with pytest.raises(PocketzoError, match="unknown phone profile"):
+        BenchConfig(profile="nokia-3310").resolved()
+
+
+def test_seq_len_beyond_the_bundle_is_refused(bundles):
+    with pytest.raises(PocketzoError, match="exceeds the bundle's max_length"):
+        run_bench(bundles("llama-classify"), BenchConfig(seq_len=1000), log=lambda _: None)

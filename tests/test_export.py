@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import EXPORTS, LABELS
 
-from pocketzo.export import heads
-from pocketzo.runtime import Bundle, FlatParameters, TrainingSession, _safetensors
+from pocketzo.export import ExportConfig, export_bundle, heads
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession, _safetensors
 from pocketzo.runtime.bundle import Manifest
 from pocketzo.runtime.data import TextEncoder
 
@@ -178,3 +178,27 @@ def test_decoder_or_encoder_is_told_apart(kind, architectures, gguf, causal):
 
     config = {"llama": LlamaConfig, "opt": OPTConfig, "bert": BertConfig}[kind](architectures=architectures)
     assert _is_causal_lm(config, gguf) is causal
+
+
+def test_ort_format_bundle_gives_the_onnx_loss(tiny_models, tmp_path):
+    from conftest import TEMPLATE
+
+    out = tmp_path / "ort-bundle"
+    export_bundle(tiny_models["llama"], out, ExportConfig(task="classify", template=TEMPLATE, labels=LABELS,
+                                                          max_length=32, ort=True))
+    bundle = Bundle(out)
+    assert bundle.ort_path is not None and (out / "required_operators.config").read_text().strip()
+    via_ort = TrainingSession(bundle, SessionConfig(threads=1))
+    via_onnx = TrainingSession(bundle, SessionConfig(threads=1, prefer_ort=False))
+    assert via_ort.model_path.suffix == ".ort" and via_onnx.model_path.suffix == ".onnx"
+    ids = np.random.default_rng(0).integers(0, 20, (3, 10))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = np.array([0, 1, 0])
+    for session in (via_ort, via_onnx):
+        session.params.buffer *= 1.25  # zero-copy binding works through the .ort model too
+    a = via_ort.run(ids, mask, labels, ("loss", "example_loss"))
+    b = via_onnx.run(ids, mask, labels, ("loss", "example_loss"))
+    np.testing.assert_allclose(a["example_loss"], b["example_loss"], rtol=0, atol=1e-6)
+    assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-6
+    assert bundle.manifest.export["parity_ort"]["abs_error"] <= 1e-4

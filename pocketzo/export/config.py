@@ -19,6 +19,7 @@ class ExportConfig:
     freeze: str | None = None  # regex of parameter names to keep frozen
     seed: int = 0  # initialises a new classification head; draws the parity batch
     parity_tolerance: float = 1e-4
+    ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
 
     def __post_init__(self) -> None:
         if self.max_length < 2:

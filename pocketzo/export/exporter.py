@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from dataclasses import asdict
@@ -41,6 +42,8 @@ from pocketzo.runtime.bundle import (
 from pocketzo.runtime.session import SessionConfig, TrainingSession
 
 EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
+ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
+ORT_MODEL = "model.ort"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -233,6 +236,9 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
         frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
         external = frozen_bytes > EXTERNAL_DATA_BYTES
+        if config.ort and frozen_bytes > ORT_FORMAT_MAX_BYTES:
+            raise ExportError(f"--ort: the ORT format holds at most 2 GB of weights in one file and this graph "
+                              f"has {frozen_bytes / 1e9:.1f} GB; export without --ort (the runtime loads .onnx too)")
         onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=external,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
         _safetensors.save(tmp / "trainable.safetensors",
@@ -257,10 +263,36 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         _say("checking parity: ONNX Runtime vs PyTorch")
         parity = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
         manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": parity}})
+        if config.ort:
+            _say("converting to ORT format (ONNX Runtime Mobile)")
+            _convert_to_ort(tmp)
+            manifest = Manifest(**{**manifest.__dict__, "ort_model_file": ORT_MODEL})
+            write_json(tmp / MANIFEST, manifest.to_json())
+            parity_ort = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
+            manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
         write_json(tmp / MANIFEST, manifest.to_json())
     _say(f"wrote {out} ({len(specs)} trainable tensors, {sum(s.numel for s in specs):,} parameters; "
          f"parity error {parity['abs_error']:.2e})")
     return manifest
+
+
+def _convert_to_ort(bundle_dir: Path) -> None:
+    """model.onnx -> model.ort + required_operators.config, with ONNX Runtime's own converter.
+
+    'Fixed' optimizations for the arm target: the graph is optimized once, here, as a phone's
+    ONNX Runtime would, and the trainable weights stay graph inputs.
+    """
+    work = bundle_dir / ".ort"
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(bundle_dir / "model.onnx"),
+           "--output_dir", str(work), "--optimization_style", "Fixed", "--target_platform", "arm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    produced = work / ORT_MODEL
+    if proc.returncode != 0 or not produced.is_file():
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise ExportError(f"--ort: ONNX Runtime's converter failed ({lines[-1][:300] if lines else 'no output'})")
+    shutil.move(produced, bundle_dir / ORT_MODEL)
+    shutil.move(work / "model.required_operators.config", bundle_dir / "required_operators.config")
+    shutil.rmtree(work)
 
 
 def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:

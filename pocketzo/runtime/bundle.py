@@ -4,6 +4,8 @@ A bundle is a directory (documented in docs/bundle.md)::
 
     manifest.json            this module's ``Manifest``, with ``format_version``
     model.onnx               loss graph; trainable weights are graph inputs
+    model.ort                the same graph in ORT format, optional (``export --ort``); preferred when present
+    required_operators.config  the operators model.ort needs (for reduced-operator ONNX Runtime builds)
     model.onnx.data          frozen weights as external data (large models only)
     trainable.safetensors    initial values of the trainable tensors, HF names
     tokenizer.json           a `tokenizers` tokenizer (+ any HF tokenizer files)
@@ -97,6 +99,7 @@ class Manifest:
     model_file: str = "model.onnx"
     trainable_file: str = "trainable.safetensors"
     tokenizer_file: str = "tokenizer.json"
+    ort_model_file: str | None = None  # optional; readers that predate it ignore it
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -135,6 +138,7 @@ class Manifest:
                 model_file=obj["model_file"],
                 trainable_file=obj["trainable_file"],
                 tokenizer_file=obj["tokenizer_file"],
+                ort_model_file=obj.get("ort_model_file"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -178,8 +182,10 @@ class Bundle:
             raise BundleError(f"{manifest_path}: corrupt JSON ({e}); re-export the bundle") from None
         self.manifest = Manifest.from_json(obj, str(manifest_path))
         self.manifest.validate_layout(str(manifest_path))
-        for name in (self.manifest.model_file, self.manifest.trainable_file, self.manifest.tokenizer_file):
-            self._member(name)
+        for name in (self.manifest.model_file, self.manifest.trainable_file, self.manifest.tokenizer_file,
+                     self.manifest.ort_model_file):
+            if name is not None:
+                self._member(name)
 
     def _member(self, name: str) -> Path:
         """Resolve a file named by the manifest, refusing anything outside the bundle directory."""
@@ -193,6 +199,12 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self._member(self.manifest.model_file)
+
+    @property
+    def ort_path(self) -> Path | None:
+        """The ORT-format model, if the bundle has one."""
+        name = self.manifest.ort_model_file
+        return self._member(name) if name is not None else None
 
     @property
     def trainable_path(self) -> Path:

@@ -37,6 +37,7 @@ class SessionConfig:
     mem_pattern: bool = True
     optimization: Literal["disable", "basic", "extended", "all"] = "all"
     log_severity: int = 3  # 0 verbose .. 4 fatal
+    prefer_ort: bool = True  # load the bundle's model.ort when it has one
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -102,18 +103,20 @@ class TrainingSession:
         self.bundle = bundle
         self.config = config or SessionConfig()
         self.params = params if params is not None else FlatParameters.from_bundle(bundle)
+        ort_path = bundle.ort_path if self.config.prefer_ort else None
+        self.model_path = ort_path or bundle.model_path
         try:
             self.session = ort.InferenceSession(
-                str(bundle.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
+                str(self.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own unrelated exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{bundle.model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") \
+            raise BundleError(f"{self.model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") \
                 from None
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = [name for name in self.params.views if name not in graph_inputs]
         if missing:
-            raise BundleError(f"{bundle.model_path}: the manifest's trainable tensors {missing[:3]} are not inputs "
+            raise BundleError(f"{self.model_path}: the manifest's trainable tensors {missing[:3]} are not inputs "
                               "of the graph; the bundle is inconsistent, re-export it")
         self._binding = self.session.io_binding()
         # The OrtValues must outlive the binding: keep them on self.
@@ -150,6 +153,6 @@ class TrainingSession:
         except Exception as e:  # e.g. a sequence longer than the model's position table
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             reason = lines[-1][:300] if lines else type(e).__name__
-            raise BundleError(f"{self.bundle.model_path}: ONNX Runtime failed on a batch of shape "
+            raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape "
                               f"{feeds['input_ids'].shape} ({reason})") from None
         return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))

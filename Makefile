@@ -17,7 +17,7 @@ DEMO_EXPORT := --task classify --template "Review: {text}\nSentiment:" --labels 
                --trainable 'norm\.weight$$' --max-length 64
 DEMO_TRAIN  := --steps 400 --batch-size 16 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,plot,dev]'
 	touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check pocketzo tests
+	$(VENV)/bin/ruff check pocketzo tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q
@@ -40,6 +40,12 @@ demo: setup
 	$(PY) -m pocketzo train $(DEMO_BUNDLE) --data $(DEMO_DATA)/train.jsonl --eval $(DEMO_DATA)/dev.jsonl \
 	    --out $(DEMO_RUN) $(DEMO_TRAIN) --overwrite
 	@echo "summary: $(DEMO_RUN)/summary.json"
+
+# pocketzo vs PyTorch MeZO, PyTorch AdamW and ONNX Runtime training (own venv), each in a fresh
+# process; writes benchmarks/results.json and docs/benchmarks.md (+ docs/img/*.png). About 30 min.
+bench: setup
+	$(PY) -m pocketzo assets
+	cd benchmarks && ../$(PY) run.py --cache $(CACHE)
 
 clean:
 	rm -rf $(VENV) bundles runs

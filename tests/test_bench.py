@@ -39,7 +39,7 @@ def test_baked_model_computes_the_training_loss(name, bundles, tmp_path):
     assert baked.stat().st_size < bundle.model_path.stat().st_size + 64 * len(trainable) + 4096  # nothing copied
 
 
-def test_bench_reports_every_number(bundles):
+def test_bench_reports_every_number(bundles, tmp_path):
     lines = []
     r = run_bench(bundles("llama-classify"), BenchConfig(batch_size=2, seq_len=8, threads=1, steps=3, warmup=1),
                   log=lines.append)
@@ -52,6 +52,10 @@ def test_bench_reports_every_number(bundles):
     assert r["peak_rss_mb"] < 1000 and r["rss_split_mb"]["interpreter_and_libraries"] > 0
     assert r["timeline"]["train"]["samples"] and r["fits"] is None
     assert any("overhead ratio" in line for line in lines)
+    from pocketzo.plots import bench_figure  # desktop extra
+
+    png = bench_figure(r, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_memory_budget_fits_or_says_what_it_needs(bundles):

@@ -91,6 +91,13 @@ def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: E
         raise ExportError(f"{model}: --task causal-lm needs a causal LM (config.architectures: "
                           f"{hf_config.architectures})")
     head: HeadKind = "lm" if config.task == "causal-lm" else ("prompt" if causal else "head")
+    try:  # before the model: a missing tokenizer should not cost a model load
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
+    except (OSError, TypeError, ValueError) as e:
+        raise ExportError(f"{directory}: no usable tokenizer ({type(e).__name__}); a bundle needs the model's "
+                          "tokenizer.json (or the files AutoTokenizer reads) next to its weights") from None
+    if not tokenizer.is_fast:
+        raise ExportError(f"{model}: no fast tokenizer (tokenizer.json) could be built; the device needs one")
     torch.manual_seed(config.seed)  # a new classification head is initialised reproducibly
     if causal:
         net = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
@@ -99,9 +106,6 @@ def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: E
         net = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=len(config.labels), dtype=torch.float32, attn_implementation="eager",
             id2label=dict(enumerate(config.labels)), label2id={n: i for i, n in enumerate(config.labels)}, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
-    if not tokenizer.is_fast:
-        raise ExportError(f"{model}: no fast tokenizer (tokenizer.json) could be built; the device needs one")
     weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")) if not gguf \
         else [directory / gguf]
     source = {"name": model.name, "model_type": hf_config.model_type, "sha256": _sha256(weights),

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketzo.errors import PocketzoError
+from pocketzo.mobile_harness.bake import bake
 from pocketzo.mobile_harness.memory import (
     RssSampler,
     address_space_peak_mb,
@@ -214,8 +215,6 @@ def run_bench(bundle_path: str | Path, config: BenchConfig, log=print) -> dict:
     except OSError:
         workdir = tempfile.TemporaryDirectory(prefix="pocketzo-bake-")
     with workdir as tmp:
-        from pocketzo.mobile_harness.bake import bake
-
         baked = bake(bundle, tmp)
         log(f"bench: {bundle.path} batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.threads} threads, "
             f"{cfg.perturbation}, {cfg.warmup} warm-up + {cfg.steps} timed"

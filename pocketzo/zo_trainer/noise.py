@@ -38,8 +38,11 @@ def fill_noise(
     n = out.shape[0]
     s = np.float32(scale)
     if distribution == "rademacher":
-        bits = np.unpackbits(np.frombuffer(rng.bytes((n + 7) // 8), dtype=np.uint8), count=n)
-        np.multiply(bits, s + s, out=out)  # 0 or 2s, exact
+        # the generator's raw 64-bit words, little-endian, are the bit stream (as Generator.bytes gives it)
+        words = rng.bit_generator.random_raw((n + 63) // 64).astype("<u8", copy=False)
+        bits = np.unpackbits(words.view(np.uint8), count=n)
+        np.copyto(out, bits, casting="unsafe")  # 0.0 or 1.0
+        np.multiply(out, s + s, out=out)  # 0 or 2s, exact
         np.subtract(out, s, out=out)  # -s or +s, exact
         return
     half = (n + 1) // 2

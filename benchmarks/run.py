@@ -50,24 +50,24 @@ def run_mode(name: str, cmd: list[str], out: Path, env: dict | None = None) -> d
     return result
 
 
-def export(model_dir: Path, bundle: Path) -> None:
-    if (bundle / "manifest.json").is_file():
+def export(model_dir: Path, bundle: Path, reuse: bool) -> None:
+    if reuse and (bundle / "manifest.json").is_file():
         return
     log(f"exporting {model_dir} -> {bundle}")
     subprocess.run([PY, "-m", "pocketzo", "export", str(model_dir), "--out", str(bundle), "--task", "causal-lm",
-                    "--trainable", "all", "--max-length", "64"], check=True, cwd=ROOT)
+                    "--trainable", "all", "--max-length", "64", "--overwrite"], check=True, cwd=ROOT)
 
 
-def pocketzo_modes(key: str, bundle: Path, work: Path, shape: list[str], img: Path, perturbations) -> dict:
+def pocketzo_modes(key: str, bundle: Path, work: Path, shape: list[str], img: Path, variants) -> dict:
+    """``variants``: (name, extra bench flags), e.g. ("rademacher", ["--perturbation", "rademacher"])."""
     out = {}
-    for perturbation in perturbations:
-        json_path = work / f"{key}-pocketzo-{perturbation}.json"
-        png = img / f"bench-{key}-{perturbation}.png"
-        out[f"pocketzo-{perturbation}"] = run_mode(
-            f"{key} pocketzo {perturbation}",
-            [PY, "-m", "pocketzo", "bench", bundle, *shape, "--perturbation", perturbation, "--json", json_path,
-             "--plot", png], json_path)
-        out[f"pocketzo-{perturbation}"]["plot"] = str(png.relative_to(ROOT / "docs"))
+    for variant, flags in variants:
+        json_path = work / f"{key}-pocketzo-{variant}.json"
+        png = img / f"bench-{key}-{variant}.png"
+        out[f"pocketzo-{variant}"] = run_mode(
+            f"{key} pocketzo {variant}",
+            [PY, "-m", "pocketzo", "bench", bundle, *shape, *flags, "--json", json_path, "--plot", png], json_path)
+        out[f"pocketzo-{variant}"]["plot"] = str(png.relative_to(ROOT / "docs"))
     return out
 
 
@@ -115,6 +115,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--skip-scale", action="store_true", help="skip the OPT-1.3B shape")
+    p.add_argument("--reuse-bundles", action="store_true",
+                   help="keep bundles exported by an earlier run (default: export again, so they match this code)")
     p.add_argument("--only", choices=("opt-125m", "smollm2-135m", "opt-1.3b"), action="append")
     a = p.parse_args()
     work = a.cache / "bench"
@@ -139,13 +141,16 @@ def main() -> int:
         if not (model_dir / "config.json").is_file():
             raise SystemExit(f"{model_dir}: missing; run `pocketzo assets` first")
         bundle = work / "bundles" / key
-        export(model_dir, bundle)
+        export(model_dir, bundle, a.reuse_bundles)
         if key == "opt-1.3b":  # pocketzo only: the point is whether full-parameter ZO fits a phone
             scale = ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--threads", str(a.threads),
                      "--steps", "3", "--warmup", "1"]
-            modes = pocketzo_modes(key, bundle, work, scale, img, ("rademacher",))
+            modes = pocketzo_modes(key, bundle, work, scale, img, [
+                ("rademacher", ["--perturbation", "rademacher"]),
+                ("rademacher-no-arena", ["--perturbation", "rademacher", "--no-cpu-mem-arena"])])
         else:
-            modes = pocketzo_modes(key, bundle, work, shape, img, ("rademacher", "gaussian"))
+            modes = pocketzo_modes(key, bundle, work, shape, img, [
+                ("rademacher", ["--perturbation", "rademacher"]), ("gaussian", ["--perturbation", "gaussian"])])
             modes.update(baseline_modes(key, model_dir, work, shape, llama))
         results["models"][key] = {"model_dir": str(model_dir), "modes": modes}
         results["command"] = "make bench"

@@ -55,6 +55,7 @@ class BenchConfig:
     steps: int = 5  # timed forward passes and ZO steps, each (median and p90 reported)
     warmup: int = 2
     perturbation: Distribution = "rademacher"
+    cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
     memory_budget: str | None = None  # e.g. 4G: run under this address-space limit
     profile: str | None = None  # a phone profile: sets threads and memory_budget unless given
     version: int = BENCH_VERSION
@@ -123,7 +124,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     base = rss_mb()
     bundle = Bundle(bundle_path)
     ids, mask, labels = _batch(bundle, cfg.batch_size, cfg.seq_len)
-    session_config = SessionConfig(threads=cfg.threads)
+    session_config = SessionConfig(threads=cfg.threads, cpu_mem_arena=cfg.cpu_mem_arena)
     out: dict = {"rss_base_mb": base}
     t0 = time.perf_counter()
     sampler.mark("load")
@@ -217,7 +218,8 @@ def run_bench(bundle_path: str | Path, config: BenchConfig, log=print) -> dict:
     with workdir as tmp:
         baked = bake(bundle, tmp)
         log(f"bench: {bundle.path} batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.threads} threads, "
-            f"{cfg.perturbation}, {cfg.warmup} warm-up + {cfg.steps} timed"
+            f"{cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, "
+            f"{cfg.warmup} warm-up + {cfg.steps} timed"
             + (f", memory budget {cfg.memory_budget}" if limit else ""))
         runs = {mode: _spawn(mode, bundle, cfg, baked if mode == "baked" else None, limit)
                 for mode in ("baked", "train")}

@@ -37,6 +37,9 @@ class SessionConfig:
     mem_pattern: bool = True
     optimization: Literal["disable", "basic", "extended", "all"] = "all"
     log_severity: int = 3  # 0 verbose .. 4 fatal
+    # ONNX Runtime's worker threads busy-wait after each run by default: on a phone that burns battery,
+    # and between ZO forwards it takes the cores from the noise passes (off: steps ~4 % faster here).
+    spinning: bool = False
     prefer_ort: bool = True  # load the bundle's model.ort when it has one
 
     def __post_init__(self) -> None:
@@ -53,6 +56,7 @@ class SessionConfig:
         so.enable_mem_pattern = self.mem_pattern
         so.graph_optimization_level = _OPT_LEVELS[self.optimization]
         so.log_severity_level = self.log_severity
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         return so
 
 

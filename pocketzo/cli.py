@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from pocketzo import __version__
-from pocketzo.errors import PocketzoError
+from pocketzo.errors import PocketzoError, RunInterrupted
 
 _HIDDEN_TRAIN_FIELDS = {"version", "noise_chunk"}
 
@@ -92,10 +92,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pocketzo.zo_trainer import TrainConfig, train
 
     config = _dataclass_from_args(TrainConfig, args)
-    summary = train(args.bundle, args.data, args.out, config, eval_path=args.eval, overwrite=args.overwrite,
-                    show_progress=not args.quiet)
+    if args.out and args.resume and Path(args.out) != Path(args.resume):
+        raise PocketzoError("--out and --resume name different run directories; give one of them")
+    out = args.out or args.resume
+    if not out:
+        raise PocketzoError("give --out RUN for a new run, or --resume RUN to continue one")
+    summary = train(args.bundle, args.data, out, config, eval_path=args.eval, overwrite=args.overwrite,
+                    show_progress=not args.quiet, resume=bool(args.resume), memory_budget=args.memory_budget)
     keys = ("zero_shot_accuracy", "final_accuracy", "steps", "step_seconds_median", "peak_rss_mb", "weights")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pocketzo.zo_trainer import replay_run
+
+    params = replay_run(args.bundle, args.log)
+    params.save(args.out, {"format": "pt", "producer": "pocketzo replay"})
+    print(json.dumps({"weights": args.out, "parameters": params.numel}))
     return 0
 
 
@@ -174,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("bundle")
     t.add_argument("--data", required=True, help="training JSONL")
     t.add_argument("--eval", help="dev JSONL, evaluated before, during (--eval-every) and after training")
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--out", help="run directory (a new run)")
+    t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest valid checkpoint "
+                   "(same bundle, data and flags)")
+    t.add_argument("--memory-budget", help="refuse to start if the run would need more memory than this, e.g. 3G")
     _add_dataclass_flags(t, TrainConfig, _HIDDEN_TRAIN_FIELDS)
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -189,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(v, SessionConfig, help={"threads": "intra-op threads, 0 = one per core"})
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("replay", parents=[common],
+                       help="rebuild a run's weights from the bundle and the run's log, bit for bit (device)")
+    r.add_argument("bundle")
+    r.add_argument("log", help="the run's log.jsonl or log.bin (config.json must sit next to it), or the run dir")
+    r.add_argument("--out", required=True, help="weights.safetensors to write")
+    r.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("bench", parents=[common],
                        help="step time, forward latency and memory of a bundle on this device (device)")
@@ -207,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunInterrupted as e:
+        print(f"pocketzo: {e}", file=sys.stderr)
+        return 130
     except (PocketzoError, OSError) as e:
         if args.debug:
             raise

@@ -30,3 +30,7 @@ class AssetError(PocketzoError):
 
 class TrainingError(PocketzoError):
     """Training cannot go on (for example, the loss became non-finite)."""
+
+
+class RunInterrupted(PocketzoError):
+    """A run was stopped by SIGINT or SIGTERM after saving a checkpoint; it can be resumed."""

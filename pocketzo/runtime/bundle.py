@@ -127,20 +127,20 @@ class Manifest:
                 inputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["inputs"]),
                 outputs=tuple(ValueSpec(v["name"], v["dtype"], tuple(v["shape"])) for v in obj["outputs"]),
                 trainable=tuple(
-                    TensorSpec(t["name"], tuple(int(d) for d in t["shape"]), int(t["offset"]), bool(t["decay"]),
-                               t.get("dtype", "float32"))
+                    TensorSpec(_str(t["name"]), tuple(_count(d) for d in t["shape"]), _count(t["offset"]),
+                               bool(t["decay"]), _str(t.get("dtype", "float32")))
                     for t in obj["trainable"]
                 ),
                 buffer_elements=int(obj["buffer_elements"]),
                 pad_token_id=int(obj["pad_token_id"]),
                 source=dict(obj["source"]),
                 export=dict(obj.get("export", {})),
-                model_file=obj["model_file"],
-                trainable_file=obj["trainable_file"],
-                tokenizer_file=obj["tokenizer_file"],
-                ort_model_file=obj.get("ort_model_file"),
+                model_file=_str(obj["model_file"]),
+                trainable_file=_str(obj["trainable_file"]),
+                tokenizer_file=_str(obj["tokenizer_file"]),
+                ort_model_file=None if obj.get("ort_model_file") is None else _str(obj["ort_model_file"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
     def validate_layout(self, where: str = MANIFEST) -> None:
@@ -154,6 +154,19 @@ class Manifest:
             end = t.offset + t.numel
         if end > self.buffer_elements:
             raise BundleError(f"{where}: trainable tensors overflow the buffer ({end} > {self.buffer_elements})")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected a non-empty string, got {value!r:.60}")
+    return value
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"expected a non-negative integer, got {value!r:.60}")
+    return value
 
 
 def layout(named_shapes: list[tuple[str, tuple[int, ...], bool]]) -> tuple[tuple[TensorSpec, ...], int]:

@@ -28,6 +28,11 @@ class TrainConfig:
     warmup_steps: int = 0
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     eval_batch_size: int = 32
+    checkpoint_every: int = 0  # steps between checkpoints (0: only on SIGINT/SIGTERM); resume with --resume
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    spike_factor: float = 10.0  # a loss above this x the median of the last 32 steps is a divergence (0: off)
+    lr_backoff: float = 0.5  # lr multiplier after each undone step (non-finite or exploding loss)
+    max_failures: int = 5  # consecutive undone steps before the run stops
     noise_chunk: int = CHUNK_ELEMENTS  # recorded so that a replay can refuse noise it cannot regenerate
     version: int = CONFIG_VERSION
 
@@ -43,6 +48,11 @@ class TrainConfig:
             (self.threads >= 0 and self.warmup_steps >= 0 and self.eval_every >= 0,
              "threads, warmup_steps and eval_every must be >= 0"),
             (0 <= self.weight_decay < 1, "weight_decay must be in [0, 1)"),
+            (self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every must be >= 0 and "
+             "keep_checkpoints >= 1"),
+            (self.spike_factor == 0 or self.spike_factor > 1, "spike_factor must be 0 (off) or > 1"),
+            (0 < self.lr_backoff <= 1 and self.max_failures >= 1, "lr_backoff must be in (0, 1] and "
+             "max_failures >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -1,20 +1,29 @@
 """A training run: data, sampler, the step loop with evaluations, and the run directory.
 
-    RUN/config.json          TrainConfig + session settings + what was trained on
+    RUN/config.json          TrainConfig + session settings + what was trained on (with its sha256)
     RUN/log.jsonl            one StepRecord per line, flushed as the run goes
-    RUN/weights.safetensors  final trainable tensors under their Hugging Face names
-    RUN/summary.json         evaluations, timings, memory; "status" says whether the run completed
+    RUN/log.bin              the same records, 56 bytes each (``checkpoint``)
+    RUN/checkpoints/         the newest checkpoints (every --checkpoint-every steps, and on SIGINT/SIGTERM)
+    RUN/weights.safetensors  final trainable tensors under their Hugging Face names (never NaN)
+    RUN/summary.json         evaluations, timings, memory; "status": completed, failed or interrupted
 
-Initial weights + config.json + log.jsonl rebuild the final weights bit for bit (``replay_run``).
+Initial weights + config.json + the log rebuild the final weights bit for bit (``replay_run``),
+and a run resumed from a checkpoint ends bit-identical to one never interrupted: the sampler is
+stateless, the noise is regenerated from seeds, and the checkpoint holds the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import shutil
+import signal
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,11 +32,20 @@ import numpy.typing as npt
 
 from pocketzo._io import write_json
 from pocketzo._progress import Progress
-from pocketzo.errors import PocketzoError, TrainingError
-from pocketzo.mobile_harness.memory import peak_rss_mb
+from pocketzo.errors import PocketzoError, RunInterrupted, TrainingError
+from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
+from pocketzo.zo_trainer.checkpoint import (
+    LOG_BIN,
+    CheckpointState,
+    latest_checkpoint,
+    pack_record,
+    read_bin_log,
+    save_checkpoint,
+    truncate_logs,
+)
 from pocketzo.zo_trainer.config import CONFIG_VERSION, TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
@@ -80,15 +98,35 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 class _Loop:
     """The state of one run: session, trainer, data and what has been measured so far."""
 
-    def __init__(self, session: TrainingSession, config: TrainConfig, train_data: Dataset, eval_data: Dataset | None):
+    SPIKE_WINDOW = 32
+
+    def __init__(self, session: TrainingSession, config: TrainConfig, train_data: Dataset,
+                 eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
         self.session, self.config = session, config
-        self.train_data, self.eval_data = train_data, eval_data
+        self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
         self.trainer = ZOTrainer(session, config)
         self.sampler = BatchSampler(len(train_data), config.batch_size, config.seed)
-        self.evals: list[dict] = []
+        self.evals: list[dict] = list(start.evals) if start else []
         self.step_seconds: list[float] = []
         self.forward_seconds: list[float] = []  # per forward pass
-        self.steps_done = 0
+        self.steps_done = start.step if start else 0
+        self.lr_scale = start.lr_scale if start else 1.0
+        self.failures = start.failures if start else 0
+        self.undone = 0
+        self.recent: deque[float] = deque(maxlen=self.SPIKE_WINDOW)  # mean losses of the last good steps
+        if start:
+            for r in read_log(run_dir / LOG)[: start.step]:
+                self._remember(r)
+        self._signal: int | None = None
+
+    def _remember(self, r: StepRecord) -> None:
+        if r.status == "ok":
+            self.recent.append((r.loss_plus + r.loss_minus) / 2)
+
+    def loss_limit(self) -> float:
+        if not self.config.spike_factor or len(self.recent) < 8:
+            return math.inf
+        return self.config.spike_factor * statistics.median(self.recent)
 
     def evaluate(self, step: int, bar: Progress | None = None) -> EvalResult | None:
         if self.eval_data is None:
@@ -100,19 +138,91 @@ class _Loop:
             bar.set(**({"acc": result.accuracy} if result.accuracy is not None else {"ppl": result.perplexity}))
         return result
 
-    def run(self, log_path: Path, show_progress: bool) -> None:
+    def checkpoint(self, log, log_bin) -> None:
+        for f in (log, log_bin):
+            f.flush()
+            os.fsync(f.fileno())
+        self.trainer.sync()
+        if not np.isfinite(self.session.params.buffer).all():  # cannot happen: undone steps restore theta
+            raise TrainingError(f"step {self.steps_done}: the weights are not finite; not saving a checkpoint")
+        state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), "", self.evals)
+        save_checkpoint(self.run_dir, self.session.params, state, self.config.keep_checkpoints)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum
+
+    def run(self, show_progress: bool) -> None:
         cfg = self.config
-        with open(log_path, "w", encoding="utf-8") as log, Progress(cfg.steps, "train", enabled=show_progress) as bar:
-            for step in range(cfg.steps):
-                record: StepRecord = self.trainer.step(step, self.train_data.batch(self.sampler.indices(step)))
-                log.write(json.dumps(record.to_json()) + "\n")
-                log.flush()
-                self.steps_done = step + 1
-                self.step_seconds.append(record.seconds)
-                self.forward_seconds.append(record.forward_seconds / 2)
-                bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
-                if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
-                    self.evaluate(self.steps_done, bar)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with open(self.run_dir / LOG, "a", encoding="utf-8") as log, \
+                    open(self.run_dir / LOG_BIN, "ab") as log_bin, \
+                    Progress(cfg.steps, "train", enabled=show_progress) as bar:
+                bar.update(self.steps_done)
+                for step in range(self.steps_done, cfg.steps):
+                    batch = self.train_data.batch(self.sampler.indices(step))
+                    record = self.trainer.step(step, batch, self.lr_scale, self.loss_limit())
+                    log.write(json.dumps(record.to_json()) + "\n")
+                    log_bin.write(pack_record(record))
+                    log.flush()
+                    log_bin.flush()
+                    self.steps_done = step + 1
+                    self.step_seconds.append(record.seconds)
+                    self.forward_seconds.append(record.forward_seconds / 2)
+                    self._after(record)
+                    bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
+                    if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
+                        self.evaluate(self.steps_done, bar)
+                    if cfg.checkpoint_every and self.steps_done % cfg.checkpoint_every == 0:
+                        self.checkpoint(log, log_bin)
+                    if self._signal is not None:
+                        self.checkpoint(log, log_bin)
+                        name = signal.Signals(self._signal).name
+                        raise RunInterrupted(f"stopped by {name} after step {self.steps_done}; a checkpoint was "
+                                             f"saved: run the same command with --resume {self.run_dir}")
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _after(self, record: StepRecord) -> None:
+        """Divergence handling: back off the learning rate after an undone step; stop after too many."""
+        cfg = self.config
+        if record.status == "ok":
+            self.failures = 0
+            self._remember(record)
+            return
+        self.failures += 1
+        self.undone += 1
+        self.lr_scale *= cfg.lr_backoff
+        print(f"\nnote: step {record.step} undone (L+={record.loss_plus:.4g}, L-={record.loss_minus:.4g}, limit "
+              f"{self.loss_limit():.4g}); lr x{cfg.lr_backoff:g} -> scale {self.lr_scale:.3g}", file=sys.stderr)
+        if self.failures >= cfg.max_failures:
+            raise TrainingError(f"step {record.step}: {self.failures} consecutive steps had a non-finite or exploding "
+                                "loss and were undone; lower --lr or --eps, or check the data")
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_memory(session: TrainingSession, data: Dataset, config: TrainConfig, budget: str) -> dict:
+    """Estimate the run's peak memory (weights + a probe forward on the longest rows) against ``budget``."""
+    limit_mb = parse_bytes(budget) / 1e6
+    rows = max(config.batch_size, config.eval_batch_size)
+    longest = np.argsort([-len(ids) for ids in data.ids], kind="stable")[:rows]
+    b = data.batch(longest)
+    session.run(b.input_ids, b.attention_mask, b.labels)
+    threads = config.threads or os.cpu_count() or 1
+    estimate = peak_rss_mb() + threads * CHUNK_ELEMENTS * 4 / 1e6  # + the noise passes' scratch
+    if estimate > limit_mb:
+        raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
+                            f"{b.input_ids.shape[1]} tokens), more than --memory-budget {budget}; lower "
+                            "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
+    return {"estimated_peak_mb": estimate, "budget_mb": limit_mb}
 
 
 def train(
@@ -124,12 +234,16 @@ def train(
     session_config: SessionConfig | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    resume: bool = False,
+    memory_budget: str | None = None,
 ) -> dict:
     """Fine-tune the bundle's trainable tensors on ``train_path``; returns the summary.
 
-    Everything that can be checked (bundle, data, session) is checked before the run
-    directory is touched. A run stopped by a TrainingError keeps its log and gets a summary
-    with ``"status": "failed"``, but no weights.
+    Everything that can be checked (bundle, data, session, memory budget) is checked before
+    the run directory is touched. ``resume`` continues ``out`` from its newest valid checkpoint
+    (same bundle, data and config, or a clear error). A run stopped by a TrainingError keeps
+    its log and gets a summary with ``"status": "failed"`` but no weights; one stopped by
+    SIGINT/SIGTERM saves a checkpoint and gets ``"status": "interrupted"``.
     """
     out = Path(out)
     t_start = time.perf_counter()
@@ -140,15 +254,26 @@ def train(
     train_data = load_data(encoder, train_path)
     eval_data = load_data(encoder, eval_path) if eval_path else None
     session = TrainingSession(bundle, session_config, FlatParameters.from_bundle(bundle))
-    _prepare_dir(out, overwrite)
-    write_json(out / CONFIG, {"train": config.to_json(), "session": asdict(session_config),
-                              "bundle": str(bundle.path), "train_data": str(train_path),
-                              "eval_data": str(eval_path) if eval_path else None})
+    memory = check_memory(session, train_data, config, memory_budget) if memory_budget else None
+    run_config = {"train": config.to_json(), "session": asdict(session_config), "bundle": str(bundle.path),
+                  "bundle_trainable_sha256": _file_sha256(bundle.trainable_path),
+                  "train_data": str(train_path), "train_data_sha256": _file_sha256(train_path),
+                  "eval_data": str(eval_path) if eval_path else None}
+    start = None
+    if resume:
+        start = _resume_state(out, run_config, session.params)
+    else:
+        _prepare_dir(out, overwrite)
+        write_json(out / CONFIG, run_config)
+        for name in (LOG, LOG_BIN):
+            (out / name).touch()
 
-    loop = _Loop(session, config, train_data, eval_data)
-    initial = loop.evaluate(0)
+    loop = _Loop(session, config, train_data, eval_data, out, start)
+    initial = loop.evaluate(0) if start is None else None
     if initial and show_progress:
         print("before training: " + json.dumps(initial.to_json()), file=sys.stderr)
+    if start is not None and show_progress:
+        print(f"resuming {out} after step {start.step}", file=sys.stderr)
     summary = {
         "status": "completed",
         "bundle": str(bundle.path),
@@ -159,11 +284,17 @@ def train(
         "trainable_parameters": session.params.numel,
         "truncated_rows": {"train": train_data.n_truncated, "dev": eval_data.n_truncated if eval_data else 0},
         "config": config.to_json(),
+        "resumed_from_step": start.step if start else None,
+        "memory_check": memory,
     }
     try:
-        loop.run(out / LOG, show_progress)
-    except TrainingError as e:
-        write_json(out / SUMMARY, {**summary, **_measured(loop, t_start), "status": "failed", "error": str(e),
+        loop.run(show_progress)
+        loop.trainer.sync()
+        if not np.isfinite(session.params.buffer).all():
+            raise TrainingError("the trained weights are not finite; nothing was saved (lower --lr or --eps)")
+    except (TrainingError, RunInterrupted) as e:
+        status = "interrupted" if isinstance(e, RunInterrupted) else "failed"
+        write_json(out / SUMMARY, {**summary, **_measured(loop, t_start), "status": status, "error": str(e),
                                    "weights": None})
         raise
     finally:
@@ -174,11 +305,30 @@ def train(
     session.params.save(out / WEIGHTS, {"format": "pt", "producer": "pocketzo", "steps": str(config.steps)})
     summary.update(_measured(loop, t_start))
     summary["final_eval"] = final.to_json() if final else None
-    if initial and final and initial.accuracy is not None:
-        summary["zero_shot_accuracy"] = initial.accuracy
+    if loop.evals and final and loop.evals[0].get("accuracy") is not None:
+        summary["zero_shot_accuracy"] = loop.evals[0]["accuracy"]
         summary["final_accuracy"] = final.accuracy
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def _resume_state(out: Path, run_config: dict, params: FlatParameters) -> CheckpointState:
+    """Check that ``out`` is the same run (bundle, data, config) and load its newest valid checkpoint."""
+    try:
+        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PocketzoError(f"{out}: not a run directory to resume ({e})") from None
+    for key, what in (("train", "training settings"), ("bundle_trainable_sha256", "bundle's initial weights"),
+                      ("train_data_sha256", "training data")):
+        if saved.get(key) != run_config[key]:
+            raise PocketzoError(f"{out}: the {what} differ from those the run started with; resume with the "
+                                "same bundle, data and flags (see its config.json)")
+    state = latest_checkpoint(out, params)
+    if state is None:
+        raise PocketzoError(f"{out}: no valid checkpoint to resume from; start again without --resume "
+                            "(use --checkpoint-every N to save checkpoints)")
+    truncate_logs(out, LOG, state)
+    return state
 
 
 def _measured(loop: _Loop, t_start: float) -> dict:
@@ -196,13 +346,15 @@ def _measured(loop: _Loop, t_start: float) -> dict:
 
 
 def read_log(path: str | Path) -> list[StepRecord]:
-    """The step records of a run's log.jsonl, checked to be consecutive from step 0."""
+    """The step records of a run's log.jsonl (or log.bin), checked to be consecutive from step 0."""
+    if Path(path).suffix == ".bin":
+        return read_bin_log(path)
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             try:
                 records.append(StepRecord(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as e:
+            except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
                 raise PocketzoError(f"{path}:{lineno}: not a step record ({e})") from None
             if records[-1].step != lineno - 1:
                 raise PocketzoError(f"{path}:{lineno}: step {records[-1].step}, expected {lineno - 1}; "
@@ -210,9 +362,11 @@ def read_log(path: str | Path) -> list[StepRecord]:
     return records
 
 
-def replay_run(bundle_path: str | Path, run: str | Path) -> FlatParameters:
-    """Rebuild a run's final weights from the bundle's initial weights, its config.json and log.jsonl."""
-    run = Path(run)
+def replay_run(bundle_path: str | Path, log: str | Path) -> FlatParameters:
+    """Rebuild a run's final weights from the bundle's initial weights and its log (log.jsonl or
+    log.bin, or the run directory), with the config.json next to the log."""
+    log = Path(log)
+    run, log = (log, log / LOG) if log.is_dir() else (log.parent, log)
     try:
         config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8"))["train"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -225,5 +379,5 @@ def replay_run(bundle_path: str | Path, run: str | Path) -> FlatParameters:
         raise PocketzoError(f"{run}: trained with noise chunks of {config.noise_chunk} elements, this pocketzo "
                             f"draws {CHUNK_ELEMENTS}; its noise cannot be regenerated here")
     params = FlatParameters.from_bundle(Bundle(bundle_path))
-    replay(params, config, read_log(run / LOG))
+    replay(params, config, read_log(log))
     return params

@@ -10,6 +10,10 @@
 z is regenerated from the step seed each time (see ``noise``). A step is fully described by
 its seed and g, so initial weights + the log rebuild the final weights bit for bit (``replay``):
 a fused pass does per element exactly the float32 operations of separate passes.
+
+A step whose L+ or L- is non-finite or above ``loss_limit`` is *undone*: theta += eps z puts the
+perturbation back (the same noise, regenerated), no update is applied, and the record says
+``status: "undone"``. Replay repeats exactly those passes, so undone steps replay bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pocketzo.errors import TrainingError
 from pocketzo.runtime.data import Batch
 from pocketzo.runtime.session import FlatParameters, TrainingSession
 from pocketzo.zo_trainer.config import TrainConfig
@@ -46,6 +49,7 @@ class StepRecord:
     loss_minus: float
     seconds: float  # the whole step
     forward_seconds: float = 0.0  # of which in the two forward passes (the rest is the noise passes)
+    status: str = "ok"  # "undone": a non-finite or exploding loss; the perturbation was removed, no update
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,10 +86,11 @@ class ZOTrainer:
     def _loss(self, batch: Batch) -> float:
         return float(self.session.run(batch.input_ids, batch.attention_mask, batch.labels)["loss"])
 
-    def step(self, step: int, batch: Batch) -> StepRecord:
+    def step(self, step: int, batch: Batch, lr_scale: float = 1.0, loss_limit: float = math.inf) -> StepRecord:
+        """One two-sided ZO-SGD step; ``lr_scale`` multiplies the scheduled lr (divergence back-off)."""
         cfg, p = self.config, self.perturber
         t0 = time.perf_counter()
-        seed, eps, lr = step_seed(cfg.seed, step), cfg.eps, cfg.lr_at(step)
+        seed, eps, lr = step_seed(cfg.seed, step), cfg.eps, cfg.lr_at(step) * lr_scale
         p.apply(*self._pending, Term(seed, eps))
         self._pending = ()
         t1 = time.perf_counter()
@@ -95,12 +100,11 @@ class ZOTrainer:
         t3 = time.perf_counter()
         loss_minus = self._loss(batch)
         forward = (t2 - t1) + (time.perf_counter() - t3)
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            p.add(seed, eps)  # undo the perturbation (exact up to float32 rounding)
-            raise TrainingError(
-                f"step {step}: non-finite loss (L+={loss_plus}, L-={loss_minus}); "
-                "lower --lr or --eps, or check the data"
-            )
+        finite = math.isfinite(loss_plus) and math.isfinite(loss_minus)
+        if not (finite and loss_plus <= loss_limit and loss_minus <= loss_limit):
+            p.add(seed, eps)  # remove the perturbation; nothing else has touched theta
+            return StepRecord(step, seed, 0.0, lr, eps, loss_plus, loss_minus, time.perf_counter() - t0, forward,
+                              status="undone")
         grad = (loss_plus - loss_minus) / (2.0 * eps)
         self._pending = (_update_term(seed, eps, lr, grad, cfg.weight_decay),)
         return StepRecord(step, seed, grad, lr, eps, loss_plus, loss_minus, time.perf_counter() - t0, forward)
@@ -115,7 +119,10 @@ def replay(params: FlatParameters, config: TrainConfig, records: Iterable[StepRe
         for r in records:
             p.add(r.seed, r.eps)
             p.add(r.seed, -2.0 * r.eps)
-            p.apply(_update_term(r.seed, r.eps, r.lr, r.grad, config.weight_decay))
+            if r.status == "undone":
+                p.add(r.seed, r.eps)
+            else:
+                p.apply(_update_term(r.seed, r.eps, r.lr, r.grad, config.weight_decay))
 
 
 def _perturber(params: FlatParameters, config: TrainConfig) -> Perturber:

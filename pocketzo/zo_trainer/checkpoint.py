@@ -1,0 +1,111 @@
+"""What lets a run survive being killed: checkpoints and the compact binary step log.
+
+    RUN/checkpoints/step-00000100/weights.safetensors   the trainable buffer after step 100
+    RUN/checkpoints/step-00000100/state.json            CheckpointState (with the weights' sha256)
+    RUN/log.bin                                          one 56-byte record per step
+
+A checkpoint directory is written under a temporary name, fsynced and renamed, so it appears
+whole or not at all; on resume a checkpoint whose state or weights do not verify is skipped
+for the next older one. ``log.bin`` holds what replay needs (seed, g, lr, eps, both losses,
+status): 10,000 steps take 560 KB, next to the human-readable log.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pocketzo._io import atomic_dir, write_json
+from pocketzo.errors import PocketzoError
+from pocketzo.runtime.session import FlatParameters
+from pocketzo.zo_trainer.trainer import StepRecord
+
+CHECKPOINTS, LOG_BIN, STATE, WEIGHTS = "checkpoints", "log.bin", "state.json", "weights.safetensors"
+STATE_VERSION = 1
+_RECORD = struct.Struct("<qQdddffB7x")  # step, seed, grad, lr, eps, loss+, loss-, undone; 56 bytes
+RECORD_BYTES = _RECORD.size
+
+
+def pack_record(r: StepRecord) -> bytes:
+    return _RECORD.pack(r.step, r.seed, r.grad, r.lr, r.eps, r.loss_plus, r.loss_minus, r.status == "undone")
+
+
+def read_bin_log(path: str | Path) -> list[StepRecord]:
+    """The step records of a log.bin, checked to be whole and consecutive from step 0."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) % RECORD_BYTES:
+        raise PocketzoError(f"{path}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte step records; "
+                            "the log is truncated or not a pocketzo log.bin")
+    records = []
+    for i, fields_ in enumerate(_RECORD.iter_unpack(data)):
+        step, seed, grad, lr, eps, lp, lm, undone = fields_
+        if step != i:
+            raise PocketzoError(f"{path}: record {i} is step {step}; the log is corrupt or out of order")
+        records.append(StepRecord(step, seed, grad, lr, eps, lp, lm, 0.0, 0.0, "undone" if undone else "ok"))
+    return records
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """Everything besides the weights needed to continue a run exactly where it stopped."""
+
+    step: int  # steps completed
+    lr_scale: float  # divergence back-off so far
+    failures: int  # consecutive undone steps so far
+    log_bytes: int  # log.jsonl length at this step (longer logs are cut back on resume)
+    weights_sha256: str
+    evals: list[dict] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(run: Path, params: FlatParameters, state: CheckpointState, keep: int) -> Path:
+    """Write ``run/checkpoints/step-N`` atomically, then drop all but the newest ``keep``."""
+    root = run / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    with atomic_dir(final) as tmp:
+        params.save(tmp / WEIGHTS, {"format": "pt", "producer": "pocketzo", "step": str(state.step)})
+        state = CheckpointState(**{**asdict(state), "weights_sha256": _sha256(tmp / WEIGHTS)})
+        write_json(tmp / STATE, asdict(state))
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path, params: FlatParameters) -> CheckpointState | None:
+    """Load the newest checkpoint that verifies into ``params``; None if there is none."""
+    for stale in (run / CHECKPOINTS).glob(".step-*.tmp"):  # a checkpoint being written when the run was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    for ckpt in sorted((p for p in (run / CHECKPOINTS).glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            state = CheckpointState(**json.loads((ckpt / STATE).read_text(encoding="utf-8")))
+            if state.version != STATE_VERSION or _sha256(ckpt / WEIGHTS) != state.weights_sha256:
+                raise ValueError("weights do not match the recorded sha256")
+            params.load(ckpt / WEIGHTS)
+        except (OSError, ValueError, TypeError, PocketzoError) as e:
+            print(f"note: skipping checkpoint {ckpt} ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        return state
+    return None
+
+
+def truncate_logs(run: Path, jsonl: str, state: CheckpointState) -> None:
+    """Cut log.jsonl and log.bin back to the checkpoint's step: later steps will run again."""
+    with open(run / jsonl, "r+b") as f:
+        f.truncate(state.log_bytes)
+    with open(run / LOG_BIN, "r+b") as f:
+        f.truncate(state.step * RECORD_BYTES)

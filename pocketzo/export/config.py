@@ -18,7 +18,7 @@ class ExportConfig:
     trainable: str = "all"  # "all" or a regex searched in parameter names
     freeze: str | None = None  # regex of parameter names to keep frozen
     seed: int = 0  # initialises a new classification head; draws the parity batch
-    parity_tolerance: float = 1e-4
+    parity_tolerance: float = 1e-4  # times max(1, |loss|)
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
 
     def __post_init__(self) -> None:

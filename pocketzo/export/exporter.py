@@ -315,7 +315,10 @@ def _check_parity(bundle_dir: Path, net, head: HeadKind, sample, task: TaskSpec,
     got = float(session.run(ids.numpy(), mask.numpy(), labels.numpy())["loss"])
     want = float(heads.reference_loss(net, head, ids, mask, labels, task.label_token_ids))
     err = abs(got - want)
-    if not err <= tolerance:
+    # Relative above a loss of 1: a 30-layer fp32 model on random tokens (loss ~15) differs from
+    # PyTorch by ~1e-4 absolute (6e-6 relative) from accumulation order alone.
+    bound = tolerance * max(1.0, abs(want))
+    if not err <= bound:
         raise ExportError(f"the exported loss {got:.6f} differs from PyTorch's {want:.6f} by {err:.2e} "
-                          f"(> {tolerance:g}); this architecture is not supported as exported")
+                          f"(> {bound:.2g}); this architecture is not supported as exported")
     return {"loss_onnx": got, "loss_torch": want, "abs_error": err, "batch": list(ids.shape)}

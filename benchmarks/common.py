@@ -63,7 +63,15 @@ def make_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) ->
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB (10**6 bytes); Linux reports KiB."""
+    """Peak resident set size of this process, MB (10**6 bytes): VmHWM, because getrusage's ru_maxrss
+    carries the parent's RSS across fork+exec (run.py may hold a whole model when it starts a mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 

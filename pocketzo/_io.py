@@ -6,6 +6,7 @@ Stdlib only, so the device side can use it too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -88,3 +89,12 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = Fals
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=sort_keys)
         f.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str], h: Any = None) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (``h``: continue an existing hash)."""
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from pocketzo import __version__
-from pocketzo._io import atomic_dir, write_json
+from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import ExportError
 from pocketzo.export import heads
 from pocketzo.export.config import ExportConfig
@@ -63,9 +63,7 @@ def _sha256(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
+        sha256_file(p, h)
     return h.hexdigest()
 
 

@@ -11,15 +11,14 @@ is copied; the baked model is a few KB plus links to the bundle's files.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from pocketzo.errors import BundleError
+from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import Bundle
 
 # Field numbers of onnx.proto (ModelProto.graph, GraphProto.initializer/input, TensorProto.*).
@@ -96,11 +95,9 @@ def _tensor_proto(name: str, shape: tuple[int, ...], location: str, offset: int,
 
 def safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
     """``name -> (absolute byte offset, byte length)`` of each tensor in a safetensors file."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-            for k, v in header.items() if k != "__metadata__"}
+    header, _, data_start = _safetensors.read_header(path)
+    return {k: (data_start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items()}
 
 
 def bake(bundle: Bundle, out_dir: str | Path, weights: str | Path | None = None) -> Path:

@@ -12,7 +12,6 @@ status): 10,000 steps take 560 KB, next to the human-readable log.jsonl.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -20,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pocketzo._io import atomic_dir, write_json
+from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import PocketzoError
 from pocketzo.runtime.session import FlatParameters
 from pocketzo.zo_trainer.trainer import StepRecord
@@ -64,14 +63,6 @@ class CheckpointState:
     version: int = STATE_VERSION
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(run: Path, params: FlatParameters, state: CheckpointState, keep: int) -> Path:
     """Write ``run/checkpoints/step-N`` atomically, then drop all but the newest ``keep``."""
     root = run / CHECKPOINTS
@@ -79,7 +70,7 @@ def save_checkpoint(run: Path, params: FlatParameters, state: CheckpointState, k
     final = root / f"step-{state.step:08d}"
     with atomic_dir(final) as tmp:
         params.save(tmp / WEIGHTS, {"format": "pt", "producer": "pocketzo", "step": str(state.step)})
-        state = CheckpointState(**{**asdict(state), "weights_sha256": _sha256(tmp / WEIGHTS)})
+        state = CheckpointState(**{**asdict(state), "weights_sha256": sha256_file(tmp / WEIGHTS)})
         write_json(tmp / STATE, asdict(state))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -93,7 +84,7 @@ def latest_checkpoint(run: Path, params: FlatParameters) -> CheckpointState | No
     for ckpt in sorted((p for p in (run / CHECKPOINTS).glob("step-*") if p.is_dir()), reverse=True):
         try:
             state = CheckpointState(**json.loads((ckpt / STATE).read_text(encoding="utf-8")))
-            if state.version != STATE_VERSION or _sha256(ckpt / WEIGHTS) != state.weights_sha256:
+            if state.version != STATE_VERSION or sha256_file(ckpt / WEIGHTS) != state.weights_sha256:
                 raise ValueError("weights do not match the recorded sha256")
             params.load(ckpt / WEIGHTS)
         except (OSError, ValueError, TypeError, PocketzoError) as e:

@@ -14,7 +14,6 @@ stateless, the noise is regenerated from seeds, and the checkpoint holds the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from pocketzo._io import write_json
+from pocketzo._io import sha256_file, write_json
 from pocketzo._progress import Progress
 from pocketzo.errors import PocketzoError, RunInterrupted, TrainingError
 from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
@@ -201,14 +200,6 @@ class _Loop:
                                 "loss and were undone; lower --lr or --eps, or check the data")
 
 
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_memory(session: TrainingSession, data: Dataset, config: TrainConfig, budget: str) -> dict:
     """Estimate the run's peak memory (weights + a probe forward on the longest rows) against ``budget``."""
     limit_mb = parse_bytes(budget) / 1e6
@@ -256,8 +247,8 @@ def train(
     session = TrainingSession(bundle, session_config, FlatParameters.from_bundle(bundle))
     memory = check_memory(session, train_data, config, memory_budget) if memory_budget else None
     run_config = {"train": config.to_json(), "session": asdict(session_config), "bundle": str(bundle.path),
-                  "bundle_trainable_sha256": _file_sha256(bundle.trainable_path),
-                  "train_data": str(train_path), "train_data_sha256": _file_sha256(train_path),
+                  "bundle_trainable_sha256": sha256_file(bundle.trainable_path),
+                  "train_data": str(train_path), "train_data_sha256": sha256_file(train_path),
                   "eval_data": str(eval_path) if eval_path else None}
     start = None
     if resume:

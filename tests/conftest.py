@@ -83,13 +83,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 EXPORTS = {
-    # name: (model, task, template, trainable)
+    # name: (model, task, template, trainable[, more ExportConfig fields])
     "llama-classify": ("llama", "classify", TEMPLATE, "all"),
     "llama-causal": ("llama", "causal-lm", None, "all"),
     "opt-classify": ("opt", "classify", TEMPLATE, "all"),
     "opt-causal": ("opt", "causal-lm", None, "all"),
     "bert-classify": ("bert", "classify", None, "all"),
     "llama-norms": ("llama", "classify", TEMPLATE, r"norm\.weight$"),
+    "llama-lora": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4}),
+    "llama-lora-slots": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4, "slots": 4}),
+    "opt-lora-causal": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4}),
+    "llama-prompt-slots": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3, "slots": 2}),
+    "bert-bitfit": ("bert", "classify", None, "all", {"peft": "bitfit"}),
 }
 
 
@@ -103,10 +108,11 @@ def bundles(tiny_models, tmp_path_factory):
 
     def get(name: str) -> Path:
         if name not in made:
-            model, task, template, trainable = EXPORTS[name]
+            model, task, template, trainable, *more = EXPORTS[name]
             labels = LABELS if task == "classify" else ()
             export_bundle(tiny_models[model], root / name, ExportConfig(
-                task=task, template=template, labels=labels, trainable=trainable, max_length=32))
+                task=task, template=template, labels=labels, trainable=trainable, max_length=32,
+                **(more[0] if more else {})))
             made[name] = root / name
         return made[name]
 

@@ -65,3 +65,19 @@ def test_causal_batches_pad_right_and_mask_prompt(bundles, tmp_path):
     np.testing.assert_array_equal(b.attention_mask[1], [1, 1, 0, 0, 0, 0])
     assert list(b.labels[0, :2]) == [IGNORE, IGNORE] and (b.labels[0, 2:] != IGNORE).all()
     assert (b.labels[1, 2:] == IGNORE).all()
+
+
+def test_plain_text_becomes_consecutive_token_windows(bundles, tmp_path):
+    bundle = Bundle(bundles("llama-causal"))
+    encoder = TextEncoder(bundle)
+    words = ("the film was good and the plot is dull . " * 20).split()
+    (tmp_path / "notes.txt").write_text(" ".join(words), encoding="utf-8")
+    data = encoder.dataset(tmp_path / "notes.txt")
+    n = bundle.task.max_length
+    assert [len(r) for r in data.ids] == [n] * (len(words) // n) + ([len(words) % n] if len(words) % n else [])
+    assert np.array_equal(np.concatenate(data.ids), encoder.tokenizer.encode(" ".join(words)).ids)
+    b = data.batch([0])
+    assert np.array_equal(b.labels, b.input_ids)  # the graph shifts; every token is a target
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8"):
+        encoder.dataset(tmp_path / "bad.txt")

@@ -169,7 +169,7 @@ def test_an_undone_step_restores_the_weights_to_float32_rounding(bundles, sentim
     session = TrainingSession(bundle, SessionConfig(threads=1))
     before = session.params.buffer.copy()
     trainer = ZOTrainer(session, TrainConfig(steps=1))
-    record = trainer.step(0, batch, loss_limit=-1.0)  # every loss "explodes"
+    record = trainer.step(0, batch, loss_limit=-1.0)[0]  # every loss "explodes"
     trainer.close()
     assert record.status == "undone" and record.grad == 0.0
     np.testing.assert_allclose(session.params.buffer, before, rtol=0, atol=4 * np.finfo(np.float32).eps)

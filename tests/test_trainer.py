@@ -30,7 +30,7 @@ def test_estimator_points_along_autograd_gradient(distribution, bundles, tiny_mo
     estimate = np.zeros(session.params.buffer.shape, np.float64)
     n = 1500
     for step in range(n):
-        record = trainer.step(step, batch)
+        record = trainer.step(step, batch)[0]
         estimate += record.grad * trainer.perturber.noise(record.seed)
     estimate /= n
 
@@ -55,7 +55,7 @@ def test_one_step_matches_float64_reference(bundles, sentiment_files):
     theta = session.params.buffer.astype(np.float64)
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-2, perturbation="gaussian")
     trainer = ZOTrainer(session, cfg)
-    record = trainer.step(0, batch)
+    record = trainer.step(0, batch)[0]
     trainer.sync()  # the update is deferred to the next step's first pass
     z = trainer.perturber.noise(record.seed).astype(np.float64)
 
@@ -76,7 +76,7 @@ def test_weight_decay_applies_to_matrices_only(bundles, sentiment_files):
     theta = session.params.buffer.astype(np.float64)
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-3, weight_decay=0.2)
     trainer = ZOTrainer(session, cfg)
-    record = trainer.step(0, batch)
+    record = trainer.step(0, batch)[0]
     trainer.sync()
     z = trainer.perturber.noise(record.seed).astype(np.float64)
     want = theta - cfg.lr * record.grad * z
@@ -133,7 +133,7 @@ def test_replay_refuses_an_incomplete_log(bundles, sentiment_files, tmp_path):
     log = tmp_path / "run" / "log.jsonl"
     lines = log.read_text().splitlines(keepends=True)
     log.write_text(lines[0] + "".join(lines[2:]))
-    with pytest.raises(PocketzoError, match="log.jsonl:2: step 2, expected 1"):
+    with pytest.raises(PocketzoError, match="log.jsonl: record 1 is step 2 direction 0"):
         replay_run(bundles("llama-norms"), tmp_path / "run")
 
 
@@ -167,7 +167,7 @@ def test_non_finite_loss_undoes_the_step(bundles, sentiment_files):
     session.params.buffer[0] = np.inf
     before = session.params.buffer.copy()
     trainer = ZOTrainer(session, TrainConfig(steps=1))
-    record = trainer.step(0, batch)
+    record = trainer.step(0, batch)[0]
     trainer.close()
     assert record.status == "undone" and record.grad == 0.0
     finite = np.isfinite(before)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from pocketzo.errors import ExportError
 from pocketzo.runtime.bundle import TaskKind
+
+Peft = Literal["none", "lora", "prompt", "bitfit"]
+Quantize = Literal["none", "int8", "int4"]
 
 
 @dataclass(frozen=True)
@@ -15,8 +19,15 @@ class ExportConfig:
     max_length: int = 256
     template: str | None = None  # classify on a causal LM: e.g. "Review: {text}\nSentiment:"
     labels: tuple[str, ...] = ()  # classify: class names; a causal LM scores " <name>"
-    trainable: str = "all"  # "all" or a regex searched in parameter names
+    trainable: str = "all"  # "all" or a regex searched in parameter names (with --peft none)
     freeze: str | None = None  # regex of parameter names to keep frozen
+    peft: Peft = "none"  # lora: low-rank adapters; prompt: trainable virtual tokens; bitfit: biases and norms
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the update is scaled by alpha / rank
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # last name part of the Linear layers to adapt
+    prompt_tokens: int = 16  # --peft prompt: virtual tokens prepended to every row
+    slots: int = 1  # perturbation slots P (even, lora/prompt): one run evaluates P adapter values
+    quantize: Quantize = "none"  # frozen MatMul weights: int8 (dynamic, per channel) or int4 (MatMulNBits)
     seed: int = 0  # initialises a new classification head; draws the parity batch
     parity_tolerance: float = 1e-4  # times max(1, |loss|)
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
@@ -32,6 +43,18 @@ class ExportConfig:
             raise ExportError(f"--labels has duplicates: {list(self.labels)}")
         if self.template is not None and self.template.count("{text}") != 1:
             raise ExportError("--template must contain '{text}' exactly once")
+        if self.peft not in ("none", "lora", "prompt", "bitfit"):
+            raise ExportError(f"--peft must be none, lora, prompt or bitfit, got {self.peft!r}")
+        if self.quantize not in ("none", "int8", "int4"):
+            raise ExportError(f"--quantize must be none, int8 or int4, got {self.quantize!r}")
+        if self.peft != "none" and self.trainable != "all":
+            raise ExportError("--trainable and --peft both choose what trains; give only one of them")
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or self.prompt_tokens < 1 or not self.lora_targets:
+            raise ExportError("--lora-rank and --prompt-tokens must be >= 1, --lora-alpha > 0, and "
+                              "--lora-targets must name at least one layer")
+        if self.slots != 1 and (self.slots < 2 or self.slots % 2 or self.peft not in ("lora", "prompt")):
+            raise ExportError(f"--slots {self.slots}: perturbation slots need --peft lora or prompt and an even "
+                              "number >= 2 (a +eps and a -eps slot per direction)")
         for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):
             if pattern and pattern != "all":
                 try:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +26,9 @@ import torch
 from pocketzo import __version__
 from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import ExportError
-from pocketzo.export import heads
+from pocketzo.export import adapters, heads
 from pocketzo.export.config import ExportConfig
+from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import (
     MANIFEST,
@@ -44,6 +44,10 @@ from pocketzo.runtime.session import SessionConfig, TrainingSession
 EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
 ORT_MODEL = "model.ort"
+BASE_CONFIG = "hf_config.json"
+# A quantized base is checked against the fp32 PyTorch loss too, within 10 % (relative above a loss of 1):
+# it catches a broken graph, not quantization error, which the accuracy tables report.
+QUANTIZED_TOLERANCE = 0.1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -143,18 +147,41 @@ def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
                     tuple(config.labels) if config.task == "classify" else (), token_ids)
 
 
-def _select(net: torch.nn.Module, config: ExportConfig) -> list[str]:
-    names = [n for n, _ in net.named_parameters()]
-    chosen = [n for n in names if config.trainable == "all" or re.search(config.trainable, n)]
-    if config.freeze:
-        chosen = [n for n in chosen if not re.search(config.freeze, n)]
+def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportConfig):
+    """The loss head around ``net``, with the chosen adapters added; returns it and the manifest's adapter."""
+    prompt, adapter = None, None
+    if config.peft == "lora":
+        adapters.add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, config.slots, config.seed)
+        adapter = {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
+                   "targets": list(config.lora_targets)}
+    elif config.peft == "prompt":
+        prompt = adapters.prompt_init(net, config.prompt_tokens, config.slots, config.seed)
+        adapter = {"method": "prompt", "tokens": config.prompt_tokens}
+    elif config.peft == "bitfit":
+        adapter = {"method": "bitfit"}
+    kw = {"prompt": prompt, "slots": config.slots}
+    if head == "lm":
+        return heads.CausalLMLoss(net, **kw), adapter
+    if head == "head":
+        return heads.SequenceClassifierLoss(net, **kw), adapter
+    return heads.PromptClassifierLoss(net, list(task.label_token_ids), **kw), adapter
+
+
+def _select(wrapper: torch.nn.Module, config: ExportConfig, head: HeadKind) -> list[str]:
+    names = [n.removeprefix("net.") for n, _ in wrapper.named_parameters()]
+    pattern = {"none": config.trainable, "lora": r"\.lora_[AB]\.weight$", "prompt": r"^prompt_embeddings$",
+               "bitfit": adapters.BITFIT}[config.peft]
+    if config.peft != "none" and head == "head":  # a new classification head must train
+        pattern = f"({pattern})|{adapters.NEW_HEAD}"
+    chosen = adapters.select(names, pattern, config.freeze)
     if not chosen:
-        raise ExportError(f"--trainable {config.trainable!r} / --freeze {config.freeze!r} select no parameter; "
-                          f"names look like {names[:3]}")
+        what = f"--peft {config.peft}" if config.peft != "none" else f"--trainable {config.trainable!r}"
+        raise ExportError(f"{what} / --freeze {config.freeze!r} select no parameter; names look like {names[:3]}")
     return chosen
 
 
 def _sample_batch(task: TaskSpec, vocab: int, seed: int):
+    """3 random rows, two of them padded."""
     g = torch.Generator().manual_seed(seed)
     b, t = 3, min(16, task.max_length)
     ids = torch.randint(3, vocab, (b, t), generator=g)
@@ -169,12 +196,18 @@ def _sample_batch(task: TaskSpec, vocab: int, seed: int):
     return ids, mask, labels
 
 
-def _lift_trainable(model: onnx.ModelProto, net: torch.nn.Module, trainable: list[str]) -> list[str]:
+def _parameters(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The head's parameters under Hugging Face names (the wrapped model's, without "net.")."""
+    return {n.removeprefix("net."): p for n, p in wrapper.named_parameters()}
+
+
+def _lift_trainable(model: onnx.ModelProto, wrapper: torch.nn.Module, trainable: list[str]) -> list[str]:
     """Rename initializers to canonical HF names; make the trainable ones graph inputs."""
     graph = model.graph
     canonical = {}
     first: dict[int, str] = {}
-    for name, p in net.named_parameters(remove_duplicate=False):
+    for name, p in wrapper.named_parameters(remove_duplicate=False):
+        name = name.removeprefix("net.")
         canonical[name] = first.setdefault(id(p), name)
     rename = {}
     for init in graph.initializer:
@@ -192,7 +225,7 @@ def _lift_trainable(model: onnx.ModelProto, net: torch.nn.Module, trainable: lis
     for missing in wanted - set(lifted):
         _say(f"warning: {missing} is not used by the loss graph; left out of the trainable set")
     kept = [init for init in graph.initializer if init.name not in wanted]
-    params = dict(net.named_parameters())
+    params = _parameters(wrapper)
     for name in lifted:
         init = present[name]
         if tuple(init.dims) != tuple(params[name].shape) or init.data_type != onnx.TensorProto.FLOAT:
@@ -214,13 +247,15 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     _say(f"loading {model}")
     net, tokenizer, head, source = _load(model, config)
     task = _task_spec(config, head, tokenizer)
-    trainable = _select(net, config)
-    wrapper = {"lm": lambda: heads.CausalLMLoss(net), "head": lambda: heads.SequenceClassifierLoss(net),
-               "prompt": lambda: heads.PromptClassifierLoss(net, list(task.label_token_ids))}[head]()
-    sample = _sample_batch(task, len(tokenizer), config.seed)
+    wrapper, adapter = _wrap(net, head, task, config)
+    trainable = _select(wrapper, config, head)
+    # with P slots the rows are P equal groups: trace (and check parity) on the sample repeated P times
+    sample = tuple(x.repeat(config.slots, *([1] * (x.dim() - 1)))
+                   for x in _sample_batch(task, len(tokenizer), config.seed))
     with atomic_dir(out) as tmp:  # the bundle appears complete, after its parity check, or not at all
         _say("tracing the loss graph with torch.onnx (dynamo)")
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        rows, seq = torch.export.Dim("rows"), torch.export.Dim("seq")
+        batch = rows * config.slots if config.slots > 1 else rows
         label_axes = {0: batch} if task.kind == "classify" else {0: batch, 1: seq}
         with warnings.catch_warnings():  # the exporter's deprecation and axis-naming chatter
             warnings.simplefilter("ignore", category=UserWarning)
@@ -233,8 +268,8 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                                 "labels": label_axes},
             )
         proto = onnx_program.model_proto
-        lifted = _lift_trainable(proto, net, trainable)
-        params = dict(net.named_parameters())
+        lifted = _lift_trainable(proto, wrapper, trainable)
+        params = _parameters(wrapper)
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
         frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
         external = frozen_bytes > EXTERNAL_DATA_BYTES
@@ -247,9 +282,12 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                           {s.name: params[s.name].detach().float().numpy() for s in specs},
                           {"format": "pt", "producer": "pocketzo"})
         _save_tokenizer(tokenizer, tmp)
+        net.config.to_json_file(tmp / BASE_CONFIG)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         label_shape = ("batch",) if task.kind == "classify" else ("batch", "seq")
         out_shapes = {"loss": (), "example_loss": ("batch",), "candidate_loss": ("batch", len(task.labels))}
+        if config.slots > 1:
+            out_shapes = {k: (config.slots, *(("rows",) + v[1:] if v else ())) for k, v in out_shapes.items()}
         manifest = Manifest(
             task=task,
             inputs=(ValueSpec("input_ids", "int64", ("batch", "seq")),
@@ -257,20 +295,31 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                     ValueSpec("labels", "int64", label_shape)),
             outputs=tuple(ValueSpec(n, "float32", out_shapes[n]) for n in wrapper.outputs),
             trainable=specs, buffer_elements=buffer_elements, pad_token_id=int(pad), source=source,
+            base_config_file=BASE_CONFIG, slots=config.slots, adapter=adapter,
             export={"config": asdict(config), "pocketzo": __version__, "torch": torch.__version__,
                     "onnx_opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                     "external_data": external},
         )
         write_json(tmp / MANIFEST, manifest.to_json())
         _say("checking parity: ONNX Runtime vs PyTorch")
-        parity = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
+        want = _torch_loss(wrapper, net, head, sample, task, config)
+        parity = _check_parity(tmp, want, sample, config.parity_tolerance)
         manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": parity}})
+        if config.quantize != "none":
+            _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
+            stats = quantize_frozen(tmp / "model.onnx", config.quantize)
+            write_json(tmp / MANIFEST, manifest.to_json())
+            error = _check_parity(tmp, want, sample, QUANTIZED_TOLERANCE)
+            manifest = Manifest(**{**manifest.__dict__, "export": {
+                **manifest.export, "external_data": (tmp / "model.onnx.data").is_file(),
+                "quantized": {**stats, "parity": error}}})
         if config.ort:
             _say("converting to ORT format (ONNX Runtime Mobile)")
             _convert_to_ort(tmp)
             manifest = Manifest(**{**manifest.__dict__, "ort_model_file": ORT_MODEL})
             write_json(tmp / MANIFEST, manifest.to_json())
-            parity_ort = _check_parity(tmp, net, head, sample, task, config.parity_tolerance)
+            parity_ort = _check_parity(tmp, want, sample, config.parity_tolerance if config.quantize == "none"
+                                       else QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
         write_json(tmp / MANIFEST, manifest.to_json())
     _say(f"wrote {out} ({len(specs)} trainable tensors, {sum(s.numel for s in specs):,} parameters; "
@@ -307,12 +356,23 @@ def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:
     shutil.rmtree(staging)
 
 
-def _check_parity(bundle_dir: Path, net, head: HeadKind, sample, task: TaskSpec, tolerance: float) -> dict:
+def _torch_loss(wrapper, net, head: HeadKind, sample, task: TaskSpec, config: ExportConfig) -> float:
+    """The loss PyTorch computes for ``sample``: the plain Hugging Face way when the adapters start as the
+    identity (LoRA's B = 0, BitFit, none), else the head module itself (virtual tokens, slot 0)."""
+    if config.peft == "prompt" or config.slots > 1:
+        with torch.no_grad():
+            loss = wrapper(*sample)[0]
+        return float(loss.reshape(-1)[0])
+    ids, mask, labels = sample
+    return float(heads.reference_loss(net, head, ids, mask, labels, task.label_token_ids))
+
+
+def _check_parity(bundle_dir: Path, want: float, sample, tolerance: float) -> dict:
     ids, mask, labels = sample
     session = TrainingSession(Bundle(bundle_dir), SessionConfig(threads=1))
-    got = float(session.run(ids.numpy(), mask.numpy(), labels.numpy())["loss"])
-    want = float(heads.reference_loss(net, head, ids, mask, labels, task.label_token_ids))
-    err = abs(got - want)
+    losses = np.atleast_1d(session.run(ids.numpy(), mask.numpy(), labels.numpy())["loss"])  # (slots,)
+    got = float(losses[0])
+    err = float(np.max(np.abs(losses.astype(np.float64) - want)))
     # Relative above a loss of 1: a 30-layer fp32 model on random tokens (loss ~15) differs from
     # PyTorch by ~1e-4 absolute (6e-6 relative) from accumulation order alone.
     bound = tolerance * max(1.0, abs(want))

@@ -118,7 +118,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     from pocketzo.runtime.data import Batch
     from pocketzo.runtime.session import SessionConfig, TrainingSession
     from pocketzo.zo_trainer.config import TrainConfig
-    from pocketzo.zo_trainer.trainer import ZOTrainer
+    from pocketzo.zo_trainer.trainer import make_trainer
 
     sampler = RssSampler()
     base = rss_mb()
@@ -144,10 +144,10 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: session.run(ids, mask, labels), cfg.steps, cfg.warmup)))
         sampler.mark("zo steps")
-        trainer = ZOTrainer(session, TrainConfig(steps=cfg.steps + cfg.warmup, lr=0.0, perturbation=cfg.perturbation,
-                                                 threads=cfg.threads))
+        trainer = make_trainer(session, TrainConfig(steps=cfg.steps + cfg.warmup, lr=0.0,
+                                                    perturbation=cfg.perturbation, threads=cfg.threads))
         batch = Batch(ids, mask, labels)
-        records = [trainer.step(i, batch) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
+        records = [trainer.step(i, batch)[0] for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
         trainer.close()
         out.update(_stats("step", [r.seconds for r in records]))
         out["step_forward_s"] = statistics.median(r.forward_seconds for r in records)

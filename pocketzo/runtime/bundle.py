@@ -23,7 +23,8 @@ from typing import Any, Literal
 from pocketzo.errors import BundleError
 
 FORMAT = "pocketzo-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added slots, adapter and base_config_file; version 1 bundles are still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
 
@@ -100,6 +101,11 @@ class Manifest:
     trainable_file: str = "trainable.safetensors"
     tokenizer_file: str = "tokenizer.json"
     ort_model_file: str | None = None  # optional; readers that predate it ignore it
+    base_config_file: str | None = None  # the Hugging Face config.json of the base model (for merge)
+    # Perturbation slots: every trainable tensor has a leading axis of this size and a batch's rows are
+    # this many equal groups, group k computed with slot k; outputs get a leading slot axis.
+    slots: int = 1
+    adapter: dict[str, Any] | None = None  # method ("lora", "prompt", "bitfit") and its settings
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -112,9 +118,9 @@ class Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise BundleError(f"{where}: not a pocketzo bundle manifest")
         version = obj.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
-                f"{where}: bundle format_version {version!r}, this pocketzo reads {FORMAT_VERSION}; "
+                f"{where}: bundle format_version {version!r}, this pocketzo reads {list(READABLE_VERSIONS)}; "
                 "re-export the model with this version of pocketzo"
             )
         try:
@@ -139,14 +145,23 @@ class Manifest:
                 trainable_file=_str(obj["trainable_file"]),
                 tokenizer_file=_str(obj["tokenizer_file"]),
                 ort_model_file=None if obj.get("ort_model_file") is None else _str(obj["ort_model_file"]),
+                base_config_file=None if obj.get("base_config_file") is None else _str(obj["base_config_file"]),
+                slots=_count(obj.get("slots", 1)),
+                adapter=None if obj.get("adapter") is None else dict(obj["adapter"]),
+                format_version=version,
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
     def validate_layout(self, where: str = MANIFEST) -> None:
         """Tensors must be float32, aligned, in order, non-overlapping and inside the buffer."""
+        if self.slots < 1:
+            raise BundleError(f"{where}: slots must be >= 1, got {self.slots}")
         end = 0
         for t in self.trainable:
+            if self.slots > 1 and (not t.shape or t.shape[0] != self.slots):
+                raise BundleError(f"{where}: trainable tensor {t.name!r} has shape {list(t.shape)}, but the bundle "
+                                  f"has {self.slots} perturbation slots (a leading axis of {self.slots})")
             if t.dtype != "float32":
                 raise BundleError(f"{where}: trainable tensor {t.name!r} is {t.dtype}; only float32 is supported")
             if t.offset % ALIGN_ELEMENTS or t.offset < end:
@@ -196,7 +211,7 @@ class Bundle:
         self.manifest = Manifest.from_json(obj, str(manifest_path))
         self.manifest.validate_layout(str(manifest_path))
         for name in (self.manifest.model_file, self.manifest.trainable_file, self.manifest.tokenizer_file,
-                     self.manifest.ort_model_file):
+                     self.manifest.ort_model_file, self.manifest.base_config_file):
             if name is not None:
                 self._member(name)
 
@@ -217,6 +232,11 @@ class Bundle:
     def ort_path(self) -> Path | None:
         """The ORT-format model, if the bundle has one."""
         name = self.manifest.ort_model_file
+        return self._member(name) if name is not None else None
+
+    @property
+    def base_config_path(self) -> Path | None:
+        name = self.manifest.base_config_file
         return self._member(name) if name is not None else None
 
     @property

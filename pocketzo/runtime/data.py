@@ -1,7 +1,10 @@
-"""JSONL data -> token ids -> padded batches, as the bundle's task expects them.
+"""JSONL (or plain text) data -> token ids -> padded batches, as the bundle's task expects them.
 
 Rows are ``{"text": ...}`` (causal-lm; an optional ``"prompt"`` prefix gets no loss) or
 ``{"text": ..., "label": ...}`` (classify; ``label`` is one of the bundle's labels).
+For causal-lm, any file not ending in ``.jsonl`` is plain UTF-8 text: the whole text is
+tokenized once and cut into consecutive windows of ``max_length`` tokens (a user's notes,
+messages or documents, as they are).
 Batches are right-padded to their longest row. ``tokenizers`` is imported here only.
 """
 
@@ -145,7 +148,27 @@ class TextEncoder:
         cut = len(ids) > n
         return np.asarray(ids[:n], np.int64), np.asarray(labels[:n], np.int64), cut
 
+    def text_windows(self, path: str | Path) -> Dataset:
+        """A plain text file as consecutive ``max_length``-token windows (the last one may be shorter)."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise DataError(f"{path}: data file not found; check the path") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+        ids = np.asarray(self._ids(text), np.int64)
+        n = self.task.max_length
+        windows = tuple(ids[i : i + n] for i in range(0, len(ids), n) if len(ids) - i >= 2)
+        if not windows:
+            raise DataError(f"{path}: fewer than 2 tokens of text; nothing to learn from")
+        return Dataset(path, windows, 0, self.pad_token_id, token_labels=windows)
+
     def dataset(self, path: str | Path) -> Dataset:
+        if self.task.kind == "causal-lm" and Path(path).suffix != ".jsonl":
+            return self.text_windows(path)
         rows = read_jsonl(path, self.task)
         encoded = [self.encode(r) for _, r in rows]
         ids = tuple(e[0] for e in encoded)

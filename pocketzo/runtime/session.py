@@ -134,6 +134,10 @@ class TrainingSession:
         """Data address of the OrtValue bound for ``name`` (equals the buffer view's address)."""
         return self._weights[name].data_ptr()
 
+    @property
+    def slots(self) -> int:
+        return self.bundle.manifest.slots
+
     def run(
         self,
         input_ids: npt.NDArray[np.int64],
@@ -141,7 +145,23 @@ class TrainingSession:
         labels: npt.NDArray[np.int64],
         outputs: Sequence[str] = ("loss",),
     ) -> dict[str, np.ndarray]:
-        """One forward pass over the current contents of the flat buffer."""
+        """One forward pass over the current contents of the flat buffer.
+
+        With perturbation slots the rows are split into ``slots`` equal groups (padded by repeating the
+        last row when they do not divide): ``loss`` comes back per slot, (P,); per-row outputs come back
+        per row, (N, ...), as without slots.
+        """
+        rows, p = input_ids.shape[0], self.slots
+        pad = -rows % p
+        if pad:
+            input_ids, attention_mask, labels = (np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+                                                 for a in (input_ids, attention_mask, labels))
+        result = self._run(input_ids, attention_mask, labels, outputs)
+        if p > 1:
+            result = {k: v if k == "loss" else v.reshape(-1, *v.shape[2:])[:rows] for k, v in result.items()}
+        return result
+
+    def _run(self, input_ids, attention_mask, labels, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         b = self._binding
         # ORT binds these by pointer: keep the (possibly converted) arrays alive until the run ends.
         feeds = {name: np.ascontiguousarray(a, dtype=np.int64)

@@ -26,12 +26,25 @@ from pocketzo.zo_trainer.trainer import StepRecord
 
 CHECKPOINTS, LOG_BIN, STATE, WEIGHTS = "checkpoints", "log.bin", "state.json", "weights.safetensors"
 STATE_VERSION = 1
-_RECORD = struct.Struct("<qQdddffB7x")  # step, seed, grad, lr, eps, loss+, loss-, undone; 56 bytes
+# step, seed, grad, lr, eps, loss+, loss-, undone, direction; 56 bytes (direction was padding before)
+_RECORD = struct.Struct("<qQdddffBH5x")
 RECORD_BYTES = _RECORD.size
 
 
 def pack_record(r: StepRecord) -> bytes:
-    return _RECORD.pack(r.step, r.seed, r.grad, r.lr, r.eps, r.loss_plus, r.loss_minus, r.status == "undone")
+    return _RECORD.pack(r.step, r.seed, r.grad, r.lr, r.eps, r.loss_plus, r.loss_minus, r.status == "undone",
+                        r.direction)
+
+
+def check_order(records: list[StepRecord], where: str) -> None:
+    """Records must run step 0, 1, ... with directions 0, 1, ... within each step."""
+    prev = None
+    for i, r in enumerate(records):
+        allowed = [(0, 0)] if prev is None else [(prev.step, prev.direction + 1), (prev.step + 1, 0)]
+        if (r.step, r.direction) not in allowed:
+            raise PocketzoError(f"{where}: record {i} is step {r.step} direction {r.direction}; the log is "
+                                "incomplete, corrupt or out of order")
+        prev = r
 
 
 def read_bin_log(path: str | Path) -> list[StepRecord]:
@@ -41,12 +54,9 @@ def read_bin_log(path: str | Path) -> list[StepRecord]:
     if len(data) % RECORD_BYTES:
         raise PocketzoError(f"{path}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte step records; "
                             "the log is truncated or not a pocketzo log.bin")
-    records = []
-    for i, fields_ in enumerate(_RECORD.iter_unpack(data)):
-        step, seed, grad, lr, eps, lp, lm, undone = fields_
-        if step != i:
-            raise PocketzoError(f"{path}: record {i} is step {step}; the log is corrupt or out of order")
-        records.append(StepRecord(step, seed, grad, lr, eps, lp, lm, 0.0, 0.0, "undone" if undone else "ok"))
+    records = [StepRecord(step, seed, grad, lr, eps, lp, lm, 0.0, 0.0, "undone" if undone else "ok", direction)
+               for step, seed, grad, lr, eps, lp, lm, undone, direction in _RECORD.iter_unpack(data)]
+    check_order(records, str(path))
     return records
 
 
@@ -94,9 +104,9 @@ def latest_checkpoint(run: Path, params: FlatParameters) -> CheckpointState | No
     return None
 
 
-def truncate_logs(run: Path, jsonl: str, state: CheckpointState) -> None:
+def truncate_logs(run: Path, jsonl: str, state: CheckpointState, records_per_step: int = 1) -> None:
     """Cut log.jsonl and log.bin back to the checkpoint's step: later steps will run again."""
     with open(run / jsonl, "r+b") as f:
         f.truncate(state.log_bytes)
     with open(run / LOG_BIN, "r+b") as f:
-        f.truncate(state.step * RECORD_BYTES)
+        f.truncate(state.step * records_per_step * RECORD_BYTES)

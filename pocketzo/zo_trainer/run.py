@@ -39,6 +39,7 @@ from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSess
 from pocketzo.zo_trainer.checkpoint import (
     LOG_BIN,
     CheckpointState,
+    check_order,
     latest_checkpoint,
     pack_record,
     read_bin_log,
@@ -48,7 +49,7 @@ from pocketzo.zo_trainer.checkpoint import (
 from pocketzo.zo_trainer.config import CONFIG_VERSION, TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
-from pocketzo.zo_trainer.trainer import StepRecord, ZOTrainer, replay
+from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, replay
 
 LOG, WEIGHTS, SUMMARY, CONFIG = "log.jsonl", "weights.safetensors", "summary.json", "config.json"
 
@@ -103,7 +104,7 @@ class _Loop:
                  eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
         self.session, self.config = session, config
         self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
-        self.trainer = ZOTrainer(session, config)
+        self.trainer = make_trainer(session, config)
         self.sampler = BatchSampler(len(train_data), config.batch_size, config.seed)
         self.evals: list[dict] = list(start.evals) if start else []
         self.step_seconds: list[float] = []
@@ -114,12 +115,13 @@ class _Loop:
         self.undone = 0
         self.recent: deque[float] = deque(maxlen=self.SPIKE_WINDOW)  # mean losses of the last good steps
         if start:
-            for r in read_log(run_dir / LOG)[: start.step]:
-                self._remember(r)
+            for r in read_log(run_dir / LOG):
+                if r.step < start.step:
+                    self._remember(r)
         self._signal: int | None = None
 
     def _remember(self, r: StepRecord) -> None:
-        if r.status == "ok":
+        if r.status == "ok" and r.direction == 0:
             self.recent.append((r.loss_plus + r.loss_minus) / 2)
 
     def loss_limit(self) -> float:
@@ -160,14 +162,16 @@ class _Loop:
                 bar.update(self.steps_done)
                 for step in range(self.steps_done, cfg.steps):
                     batch = self.train_data.batch(self.sampler.indices(step))
-                    record = self.trainer.step(step, batch, self.lr_scale, self.loss_limit())
-                    log.write(json.dumps(record.to_json()) + "\n")
-                    log_bin.write(pack_record(record))
+                    records = self.trainer.step(step, batch, self.lr_scale, self.loss_limit())
+                    for r in records:
+                        log.write(json.dumps(r.to_json()) + "\n")
+                        log_bin.write(pack_record(r))
                     log.flush()
                     log_bin.flush()
+                    record = records[0]
                     self.steps_done = step + 1
                     self.step_seconds.append(record.seconds)
-                    self.forward_seconds.append(record.forward_seconds / 2)
+                    self.forward_seconds.append(record.forward_seconds / (2 if len(records) == 1 else 1))
                     self._after(record)
                     bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
                     if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
@@ -252,7 +256,7 @@ def train(
                   "eval_data": str(eval_path) if eval_path else None}
     start = None
     if resume:
-        start = _resume_state(out, run_config, session.params)
+        start = _resume_state(out, run_config, session)
     else:
         _prepare_dir(out, overwrite)
         write_json(out / CONFIG, run_config)
@@ -303,7 +307,7 @@ def train(
     return summary
 
 
-def _resume_state(out: Path, run_config: dict, params: FlatParameters) -> CheckpointState:
+def _resume_state(out: Path, run_config: dict, session: TrainingSession) -> CheckpointState:
     """Check that ``out`` is the same run (bundle, data, config) and load its newest valid checkpoint."""
     try:
         saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
@@ -314,18 +318,19 @@ def _resume_state(out: Path, run_config: dict, params: FlatParameters) -> Checkp
         if saved.get(key) != run_config[key]:
             raise PocketzoError(f"{out}: the {what} differ from those the run started with; resume with the "
                                 "same bundle, data and flags (see its config.json)")
-    state = latest_checkpoint(out, params)
+    state = latest_checkpoint(out, session.params)
     if state is None:
         raise PocketzoError(f"{out}: no valid checkpoint to resume from; start again without --resume "
                             "(use --checkpoint-every N to save checkpoints)")
-    truncate_logs(out, LOG, state)
+    truncate_logs(out, LOG, state, max(1, session.slots // 2))
     return state
 
 
 def _measured(loop: _Loop, t_start: float) -> dict:
     return {
         "steps": loop.steps_done,
-        "forward_passes": 2 * loop.steps_done,
+        "forward_passes": 2 * loop.steps_done if loop.session.slots == 1 else loop.steps_done,
+        "perturbed_losses": 2 * loop.steps_done * max(1, loop.session.slots // 2),
         "eval_forward_passes": sum(e["forward_passes"] for e in loop.evals),
         "step_seconds_median": statistics.median(loop.step_seconds) if loop.step_seconds else None,
         "forward_seconds_median": statistics.median(loop.forward_seconds) if loop.forward_seconds else None,
@@ -347,9 +352,7 @@ def read_log(path: str | Path) -> list[StepRecord]:
                 records.append(StepRecord(**json.loads(line)))
             except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
                 raise PocketzoError(f"{path}:{lineno}: not a step record ({e})") from None
-            if records[-1].step != lineno - 1:
-                raise PocketzoError(f"{path}:{lineno}: step {records[-1].step}, expected {lineno - 1}; "
-                                    "the log is incomplete or out of order")
+    check_order(records, str(path))
     return records
 
 
@@ -369,6 +372,7 @@ def replay_run(bundle_path: str | Path, log: str | Path) -> FlatParameters:
     if config.noise_chunk != CHUNK_ELEMENTS:
         raise PocketzoError(f"{run}: trained with noise chunks of {config.noise_chunk} elements, this pocketzo "
                             f"draws {CHUNK_ELEMENTS}; its noise cannot be regenerated here")
-    params = FlatParameters.from_bundle(Bundle(bundle_path))
-    replay(params, config, read_log(log))
+    bundle = Bundle(bundle_path)
+    params = FlatParameters.from_bundle(bundle)
+    replay(params, config, read_log(log), bundle.manifest.slots)
     return params

@@ -1,0 +1,177 @@
+"""Quantizing a bundle's frozen MatMul weights (int8 dynamic, int4 MatMulNBits) with ONNX Runtime's tools."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import WORDS
+
+from pocketzo.errors import ExportError
+from pocketzo.export import ExportConfig, export_bundle
+from pocketzo.export import quantize as quantize_module
+from pocketzo.export.quantize import quantize_frozen
+from pocketzo.runtime import Bundle, TrainingSession
+from pocketzo.runtime.data import IGNORE
+
+QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+# Measured on the padded batch below: |quantized - fp32| / fp32 loss was 1.5e-5 (int8) and 3.1e-4
+# (int4) at most over both tiny models; 5e-3 leaves a 10x margin. These random-init models have
+# near-uniform logits (loss ~ ln(vocab)), so the bound checks that the rewired graph computes the
+# same function, not quantization quality (measure that on a real model, e.g. SmolLM2).
+RELATIVE_TOLERANCE = 5e-3
+
+
+@pytest.fixture(scope="module")
+def frozen_bundles(tiny_models, tmp_path_factory):
+    """Causal-LM bundles whose Linear weights are frozen: ``frozen_bundles("llama", r"norm") -> Path``."""
+    root = tmp_path_factory.mktemp("quantize-bundles")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, trainable: str = r"norm|layer_norm") -> Path:
+        if (kind, trainable) not in made:
+            out = root / f"{kind}-{len(made)}"
+            export_bundle(tiny_models[kind], out, ExportConfig(task="causal-lm", trainable=trainable, max_length=32))
+            made[kind, trainable] = out
+        return made[kind, trainable]
+
+    return get
+
+
+def _copy(bundle: Path, dest: Path) -> Path:
+    shutil.copytree(bundle, dest)
+    return dest
+
+
+def _batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(0).integers(3, len(WORDS), (4, 16))  # (B, T), no special tokens
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0  # one padded row
+    return ids, mask, np.where(mask == 1, ids, IGNORE)
+
+
+def _loss(bundle: Path) -> float:
+    return float(TrainingSession(Bundle(bundle)).run(*_batch())["loss"])
+
+
+def _linear_weights(model_dir: Path) -> int:
+    """Number of nn.Linear modules (lm_head included, tied or not): each is one frozen MatMul weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(model_dir)
+    return sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+
+
+def _interface(model_path: Path) -> list[tuple[str, int, str]]:
+    graph = onnx.load(str(model_path)).graph
+    values = (*graph.input, *graph.output)
+    return [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in values]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_quantized_loss_is_close_and_every_linear_is_quantized(kind, mode, frozen_bundles, tiny_models, tmp_path):
+    src = frozen_bundles(kind)
+    dst = _copy(src, tmp_path / "q")
+    stats = quantize_frozen(dst / "model.onnx", mode)
+
+    expected = _linear_weights(tiny_models[kind])  # llama: 2 x 7 + lm_head; opt: 2 x 6 + lm_head
+    ops = Counter(n.op_type for n in onnx.load(str(dst / "model.onnx")).graph.node)
+    assert stats["quantized"] == ops[QUANTIZED_OP[mode]] == expected
+    assert ops["Gemm"] == 0  # OPT's fc1/fc2 are Gemm(transB=1) in the export: rewritten to MatMul, then quantized
+    if mode == "int8":
+        assert ops["DynamicQuantizeLinear"] > 0
+    # int8: 1 byte + per-column scale/zero point; int4: half a byte + one fp32 scale per 32 weights
+    assert stats["weight_bytes_quantized"] < {"int8": 0.3, "int4": 0.2}[mode] * stats["weight_bytes_fp32"]
+    assert stats["file_bytes_after"] < stats["file_bytes_before"]
+
+    fp32, quantized = _loss(src), _loss(dst)
+    assert quantized != fp32  # the weights really changed
+    assert abs(quantized - fp32) <= RELATIVE_TOLERANCE * fp32
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_trainable_tensors_stay_float_inputs_and_edits_are_seen(mode, frozen_bundles, tmp_path):
+    src = frozen_bundles("opt")
+    dst = _copy(src, tmp_path / "q")
+    quantize_frozen(dst / "model.onnx", mode)
+    assert _interface(dst / "model.onnx") == _interface(src / "model.onnx")
+
+    session = TrainingSession(Bundle(dst))
+    view = session.params.views["model.decoder.final_layer_norm.weight"]
+    before = float(session.run(*_batch())["loss"])
+    view *= 0.5  # in place, as the ZO trainer does: no rebind
+    edited = float(session.run(*_batch())["loss"])
+    view *= 2.0
+    assert edited != before and float(session.run(*_batch())["loss"]) == before
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_trainable_linear_weights_are_not_quantized(mode, frozen_bundles, tiny_models, tmp_path):
+    """A trainable q_proj is Transpose(graph input) -> MatMul: it and attention's MatMuls stay float."""
+    src = frozen_bundles("llama", r"q_proj|norm")
+    dst = _copy(src, tmp_path / "q")
+    stats = quantize_frozen(dst / "model.onnx", mode)
+    assert stats["quantized"] == _linear_weights(tiny_models["llama"]) - 2  # two layers' q_proj
+    graph = onnx.load(str(dst / "model.onnx")).graph
+    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert inputs["model.layers.0.self_attn.q_proj.weight"] == onnx.TensorProto.FLOAT
+    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and "q_proj" in n.input[0]}
+    assert len(transposed) == 2
+    assert all(n.op_type == "MatMul" for n in graph.node if set(n.input) & transposed)
+    assert abs(_loss(dst) - _loss(src)) <= RELATIVE_TOLERANCE * _loss(src)
+
+
+def test_tied_embedding_keeps_its_fp32_table_for_the_gather(frozen_bundles, tmp_path):
+    dst = _copy(frozen_bundles("llama"), tmp_path / "q")
+    quantize_frozen(dst / "model.onnx", "int4")
+    graph = onnx.load(str(dst / "model.onnx")).graph
+    fp32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+            and not i.name.endswith("_scales")}
+    assert fp32 == {"model.embed_tokens.weight"}  # read by Gather; its transposed copy went to MatMulNBits
+    assert any(n.op_type == "Gather" and "model.embed_tokens.weight" in n.input for n in graph.node)
+
+
+@pytest.mark.parametrize("single_file_max", [quantize_module.SINGLE_FILE_MAX_BYTES, 0])
+def test_external_data_is_read_and_written(single_file_max, frozen_bundles, tiny_models, tmp_path, monkeypatch):
+    """A bundle with model.onnx.data is read whole; the result is one file unless it is large (limit lowered)."""
+    src = frozen_bundles("llama")
+    dst = _copy(src, tmp_path / "q")
+    model = onnx.load(str(dst / "model.onnx"))
+    onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(quantize_module, "SINGLE_FILE_MAX_BYTES", single_file_max)
+    stats = quantize_frozen(dst / "model.onnx", "int8")
+    assert (dst / "model.onnx.data").is_file() == (single_file_max == 0)
+    assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    assert stats["quantized"] == _linear_weights(tiny_models["llama"])
+    assert abs(_loss(dst) - _loss(src)) <= RELATIVE_TOLERANCE * _loss(src)
+
+
+def test_a_graph_without_frozen_matmuls_is_refused_untouched(bundles, tmp_path):
+    dst = _copy(bundles("llama-causal"), tmp_path / "all-trainable")
+    before = (dst / "model.onnx").read_bytes()
+    with pytest.raises(ExportError, match="no MatMul has a frozen"):
+        quantize_frozen(dst / "model.onnx", "int8")
+    assert (dst / "model.onnx").read_bytes() == before
+
+
+@pytest.mark.parametrize("mode, block_size, message", [
+    ("int2", 32, "must be 'int8' or 'int4'"),
+    ("int4", 24, "power of two"),
+    ("int4", 8, "power of two"),
+])
+def test_bad_options_are_refused(mode, block_size, message, frozen_bundles):
+    with pytest.raises(ExportError, match=message):
+        quantize_frozen(frozen_bundles("llama") / "model.onnx", mode, block_size=block_size)
+
+
+def test_a_corrupt_file_is_an_export_error(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(ExportError, match="cannot load"):
+        quantize_frozen(tmp_path / "model.onnx", "int8")

@@ -1,6 +1,6 @@
 """Phone-sized fine-tuning: LoRA step cost and the memory of LoRA over an int4 base, with `pocketzo bench`.
 
-    SmolLM2-135M (real) and the OPT-125m shape, LoRA r8 on q_proj,v_proj, fp32 base: step / (2 x forward)
+    SmolLM2-135M (real), LoRA r8 on q_proj,v_proj, fp32 base: step / (2 x forward)
     OPT-1.3B shape, LoRA over an int4 base: peak RSS of training (full-parameter fp32: docs/benchmarks.md)
 
 Each bundle is a `pocketzo export --task causal-lm --peft lora`; each measurement is `pocketzo bench`
@@ -37,11 +37,9 @@ def main() -> int:
     smollm2 = args.cache / "smollm2-135m-instruct"
     models = {"smollm2": lambda: smollm2,
               # the shape models of `make bench`, made once in the same cache
-              "opt-125m": lambda: make_shape_model("opt-125m", args.cache / "bench" / "models" / "opt-125m", smollm2),
               "opt-1.3b": lambda: make_shape_model("opt-1.3b", args.cache / "bench" / "models" / "opt-1.3b", smollm2)}
     cases = {  # name: (model, extra export flags)
         "smollm2-lora": ("smollm2", []),
-        "opt-125m-lora": ("opt-125m", []),
         "opt-1.3b-lora-int4": ("opt-1.3b", ["--quantize", "int4"]),
     }
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}

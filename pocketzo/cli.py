@@ -58,6 +58,11 @@ def _dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: objec
         raise PocketzoError(f"bad option: {e}") from None
 
 
+def _unescape(text: str) -> str:
+    """\\n and \\t typed on a command line become a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     try:
         from pocketzo.export.assets import prepare_assets
@@ -82,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pocketzo.export import ExportConfig, export_bundle
 
     # A shell cannot easily pass a newline: "\n" and "\t" in --template mean newline and tab.
-    template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+    template = _unescape(args.template) if args.template else None
     export_bundle(args.model, args.out, _dataclass_from_args(ExportConfig, args, template=template),
                   overwrite=args.overwrite)
     return 0
@@ -173,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = _dataclass_from_args(GenerationConfig, args)
     generator = Generator(args.directory, _dataclass_from_args(SessionConfig, args))
-    for piece in generator.generate(args.prompt, **dataclasses.asdict(config)):
+    for piece in generator.generate(_unescape(args.prompt), **dataclasses.asdict(config)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common],
                        help="continue a prompt with a model exported by export_inference, streaming the text (device)")
     g.add_argument("directory", help="an inference directory (inference.json, model.onnx, tokenizer.json)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the text to continue (\\n = newline)")
     _add_dataclass_flags(g, GenerationConfig, help={
         "temperature": "0 = greedy", "top_p": "nucleus sampling (with --temperature > 0)",
         "seed": "seeds the sampler: the same seed gives the same text"})

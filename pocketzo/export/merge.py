@@ -102,7 +102,7 @@ def _hf_model(config: dict, head: str):
 
     cfg = AutoConfig.for_model(**config)
     cls = AutoModelForSequenceClassification if head == "head" else AutoModelForCausalLM
-    return cls.from_config(cfg, torch_dtype=torch.float32)
+    return cls.from_config(cfg, dtype=torch.float32)
 
 
 def to_hf(run: Path, out: Path, base: Path | None = None, bundle: Path | None = None,

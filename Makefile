@@ -70,11 +70,13 @@ demo-personal: setup
 	$(PY) -m pocketzo generate $(PERSONAL_RUN)/onnx --prompt $(PERSONAL_PROMPT) --max-new-tokens 48
 	@echo "held-out perplexity before/after: $(PERSONAL_RUN)/summary.json (initial_eval, final_eval)"
 
-# Every trainable mode (bitfit, lora, int8/int4 base, slots, prompt tuning) on the real task: docs/modes.md.
+# Every trainable mode (bitfit, lora, int8/int4 base, slots, prompt tuning) on the real task, LoRA step cost,
+# OPT-1.3B-shape LoRA over int4 memory and slot throughput: docs/modes.md. About 1.5 h on 2 cores.
 bench-modes: setup
 	$(PY) -m pocketzo assets
-	$(PY) benchmarks/modes.py --cache $(CACHE)
+	$(PY) benchmarks/phone_sized.py --cache $(CACHE)
 	$(PY) benchmarks/slots.py --cache $(CACHE)
+	$(PY) benchmarks/modes.py --cache $(CACHE)
 
 # pocketzo vs PyTorch MeZO, PyTorch AdamW and ONNX Runtime training (own venv), each in a fresh
 # process; writes benchmarks/results.json and docs/benchmarks.md (+ docs/img/*.png). About 30 min.

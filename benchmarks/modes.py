@@ -4,7 +4,7 @@ Each mode is a real `pocketzo export` + `pocketzo train` (in their own processes
 prompt, data and seed; the dev accuracy before and after, the forward passes, step time and peak
 RSS come from the run's summary.json. Writes benchmarks/modes.json and docs/modes.md.
 
-    python benchmarks/modes.py --cache ~/.cache/pocketzo [--steps 200] [--only lora,lora-int4]
+    python benchmarks/modes.py --cache ~/.cache/pocketzo [--steps 150] [--only lora,lora-int4] [--report-only]
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "modes")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--only", help="comma-separated modes")
+    ap.add_argument("--report-only", action="store_true", help="rewrite docs/modes.md from the JSON files")
     args = ap.parse_args()
     model, data = args.cache / "smollm2-135m-instruct", args.cache / "data" / "rotten_tomatoes"
     out_json = ROOT / "benchmarks" / "modes.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {}
     for name, (export_flags, train_flags) in MODES.items():
-        if args.only and name not in args.only.split(","):
+        if args.report_only or (args.only and name not in args.only.split(",")):
             continue
         bundle, run_dir = args.work / f"bundle-{name}", args.work / f"run-{name}"
         log(f"{name}: export {' '.join(export_flags)}")
@@ -106,7 +107,7 @@ def phone_sized_section() -> list[str]:
     if sl:
         lines += [f"## Perturbation slots: estimate pairs per second (`benchmarks/slots.py`, {sl['date']})", "",
                   f"{sl['model']}, sequence {sl['seq']}, {sl['threads']} threads; whole trainer steps (noise "
-                  "passes included), median of 10 after 2 warm-up steps. Without slots a step is two runs "
+                  f"passes included), median of {sl['steps']} after 2 warm-up steps. Without slots a step is two runs "
                   "of B rows and one pair; with P slots one run of P x B rows and P/2 pairs.", "",
                   "| batch B | slots P | step | pairs per step | pairs/s | vs no slots |", "|---|---|---|---|---|---|"]
         for r in sl["rows"]:

@@ -62,11 +62,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "slots.json")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     args = ap.parse_args()
     model = args.cache / "smollm2-135m-instruct"
     bundles = {p: export(model, args.work / f"lora-slots{p}", p) for p in (1, *SLOTS)}
     rows = []
-    for batch in BATCHES:
+    for batch in (int(b) for b in args.batches.split(",")):
         base = pairs_per_second(bundles[1], batch, args.steps, args.threads)
         rows.append({**base, "speedup": 1.0})
         print(json.dumps(rows[-1]), flush=True)
@@ -76,7 +77,7 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "seq": SEQ,
                                      "model": "SmolLM2-135M-Instruct, LoRA r8 q_proj,v_proj, causal-lm",
-                                     "rows": rows}, indent=2) + "\n")
+                                     "steps": args.steps, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -126,6 +126,7 @@ def write_doc(results: dict, path: Path) -> None:
             f"| {r['bundle_mb']:.0f} MB | {100 * r['zero_shot_accuracy']:.1f} → {100 * r['final_accuracy']:.1f} % "
             f"| {r['steps']} | {r['forward_passes']} ({r['perturbed_losses']}) | {r['step_s']:.2f} s "
             f"| {r['peak_rss_mb']:,.0f} MB |")
+    notes = [f"- *{name}*: {r['note']}." for name, r in results.items() if r.get("note")]
     dates = sorted({r["date"] for r in results.values()})
     path.write_text("\n".join([
         "# Trainable modes on the real task",
@@ -142,6 +143,7 @@ def write_doc(results: dict, path: Path) -> None:
         "two estimates per step.",
         "- *bundle*: all files of the bundle (graph, trainable weights, tokenizer).",
         "- One seed per mode: differences below about 2 points (500 dev rows) are noise.",
+        *notes,
         "",
         *phone_sized_section(),
     ]))

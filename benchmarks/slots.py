@@ -42,7 +42,8 @@ def pairs_per_second(bundle: Path, batch: int, steps: int, threads: int) -> dict
     b = Bundle(bundle)
     session = TrainingSession(b, SessionConfig(threads=threads))
     ids = np.random.default_rng(0).integers(4, 49152, size=(batch, SEQ), dtype=np.int64)
-    data = Batch(ids, np.ones_like(ids), ids.copy())
+    labels = ids.copy() if b.task.kind == "causal-lm" else np.zeros(batch, np.int64)
+    data = Batch(ids, np.ones_like(ids), labels)
     trainer = make_trainer(session, TrainConfig(steps=steps + 2, lr=0.0, threads=threads))
     seconds = []
     for i in range(steps + 2):
@@ -63,20 +64,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "slots.json")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    ap.add_argument("--slots", default=",".join(map(str, SLOTS)), help="comma-separated slot counts")
     args = ap.parse_args()
     model = args.cache / "smollm2-135m-instruct"
-    bundles = {p: export(model, args.work / f"lora-slots{p}", p) for p in (1, *SLOTS)}
+    slots = [int(p) for p in args.slots.split(",")]
+    bundles = {p: export(model, args.work / f"lora-slots{p}", p) for p in (1, *slots)}
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         base = pairs_per_second(bundles[1], batch, args.steps, args.threads)
         rows.append({**base, "speedup": 1.0})
         print(json.dumps(rows[-1]), flush=True)
-        for p in SLOTS:
+        for p in slots:
             r = pairs_per_second(bundles[p], batch, args.steps, args.threads)
             rows.append({**r, "speedup": r["pairs_per_s"] / base["pairs_per_s"]})
             print(json.dumps(rows[-1]), flush=True)
+    task = json.loads((bundles[1] / "manifest.json").read_text())["task"]["kind"]
     args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "seq": SEQ,
-                                     "model": "SmolLM2-135M-Instruct, LoRA r8 q_proj,v_proj, causal-lm",
+                                     "model": f"SmolLM2-135M-Instruct, LoRA r8 q_proj,v_proj, {task}",
                                      "steps": args.steps, "rows": rows}, indent=2) + "\n")
     return 0
 

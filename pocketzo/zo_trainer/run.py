@@ -171,7 +171,7 @@ class _Loop:
                     record = records[0]
                     self.steps_done = step + 1
                     self.step_seconds.append(record.seconds)
-                    self.forward_seconds.append(record.forward_seconds / (2 if len(records) == 1 else 1))
+                    self.forward_seconds.append(record.forward_seconds / (2 if self.session.slots == 1 else 1))
                     self._after(record)
                     bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
                     if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:

@@ -20,7 +20,7 @@ from pocketzo.errors import PocketzoError, TrainingError
 from pocketzo.runtime import Bundle, FlatParameters, _safetensors
 from pocketzo.zo_trainer import TrainConfig, replay_run, train
 from pocketzo.zo_trainer.checkpoint import RECORD_BYTES
-from pocketzo.zo_trainer.trainer import ZOTrainer
+from pocketzo.zo_trainer.trainer import make_trainer
 
 CFG = TrainConfig(steps=400, lr=2e-3, eps=1e-3, batch_size=8, seed=7, weight_decay=0.05, schedule="cosine",
                   warmup_steps=10, checkpoint_every=7, eval_every=100, threads=1)
@@ -139,15 +139,21 @@ def test_replay_cli_rebuilds_the_weights_from_the_binary_log(bundles, reference,
 
 def test_divergence_is_undone_backed_off_logged_and_replayed(bundles, sentiment_files, tmp_path, monkeypatch):
     bad_steps = {12, 13, 30}
-    original = ZOTrainer._loss
     calls = {"n": 0}
 
-    def flaky(self, batch):
-        step = calls["n"] // 2
-        calls["n"] += 1
-        return float("nan") if step in bad_steps else original(self, batch)
+    def flaky_trainer(session, config):
+        trainer = make_trainer(session, config)
+        original = trainer._loss
 
-    monkeypatch.setattr(ZOTrainer, "_loss", flaky)
+        def flaky(batch):
+            step = calls["n"] // 2
+            calls["n"] += 1
+            return float("nan") if step in bad_steps else original(batch)
+
+        trainer._loss = flaky
+        return trainer
+
+    monkeypatch.setattr("pocketzo.zo_trainer.run.make_trainer", flaky_trainer)
     cfg = TrainConfig(steps=40, lr=2e-3, batch_size=8, seed=3, threads=1)
     run = tmp_path / "run"
     summary = train(bundles("llama-classify"), sentiment_files["train"], run, cfg, show_progress=False)
@@ -168,7 +174,7 @@ def test_an_undone_step_restores_the_weights_to_float32_rounding(bundles, sentim
     batch = TextEncoder(bundle).dataset(sentiment_files["train"]).batch(range(8))
     session = TrainingSession(bundle, SessionConfig(threads=1))
     before = session.params.buffer.copy()
-    trainer = ZOTrainer(session, TrainConfig(steps=1))
+    trainer = make_trainer(session, TrainConfig(steps=1))
     record = trainer.step(0, batch, loss_limit=-1.0)[0]  # every loss "explodes"
     trainer.close()
     assert record.status == "undone" and record.grad == 0.0
@@ -176,7 +182,12 @@ def test_an_undone_step_restores_the_weights_to_float32_rounding(bundles, sentim
 
 
 def test_repeated_divergence_stops_the_run_without_saving_weights(bundles, sentiment_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(ZOTrainer, "_loss", lambda self, batch: float("inf"))
+    def exploding_trainer(session, config):
+        trainer = make_trainer(session, config)
+        trainer._loss = lambda batch: float("inf")
+        return trainer
+
+    monkeypatch.setattr("pocketzo.zo_trainer.run.make_trainer", exploding_trainer)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="5 consecutive steps"):
         train(bundles("llama-norms"), sentiment_files["train"], run, TrainConfig(steps=20), show_progress=False)

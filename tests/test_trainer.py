@@ -14,7 +14,8 @@ from conftest import EXPORTS
 from pocketzo.errors import PocketzoError, TrainingError
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import BatchSampler, TrainConfig, ZOTrainer, read_log, replay, replay_run, train
+from pocketzo.zo_trainer import BatchSampler, TrainConfig, read_log, replay, replay_run, train
+from pocketzo.zo_trainer.trainer import make_trainer
 
 
 def _session_and_batch(bundles, files, name="llama-norms", n=8):
@@ -26,7 +27,7 @@ def _session_and_batch(bundles, files, name="llama-norms", n=8):
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_estimator_points_along_autograd_gradient(distribution, bundles, tiny_models, sentiment_files):
     session, batch = _session_and_batch(bundles, sentiment_files)
-    trainer = ZOTrainer(session, TrainConfig(steps=1, lr=0.0, eps=1e-3, perturbation=distribution))
+    trainer = make_trainer(session, TrainConfig(steps=1, lr=0.0, eps=1e-3, perturbation=distribution))
     estimate = np.zeros(session.params.buffer.shape, np.float64)
     n = 1500
     for step in range(n):
@@ -54,7 +55,7 @@ def test_one_step_matches_float64_reference(bundles, sentiment_files):
     session, batch = _session_and_batch(bundles, sentiment_files)
     theta = session.params.buffer.astype(np.float64)
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-2, perturbation="gaussian")
-    trainer = ZOTrainer(session, cfg)
+    trainer = make_trainer(session, cfg)
     record = trainer.step(0, batch)[0]
     trainer.sync()  # the update is deferred to the next step's first pass
     z = trainer.perturber.noise(record.seed).astype(np.float64)
@@ -75,7 +76,7 @@ def test_weight_decay_applies_to_matrices_only(bundles, sentiment_files):
     session, batch = _session_and_batch(bundles, sentiment_files, name="llama-classify")
     theta = session.params.buffer.astype(np.float64)
     cfg = TrainConfig(steps=1, lr=0.05, eps=1e-3, weight_decay=0.2)
-    trainer = ZOTrainer(session, cfg)
+    trainer = make_trainer(session, cfg)
     record = trainer.step(0, batch)[0]
     trainer.sync()
     z = trainer.perturber.noise(record.seed).astype(np.float64)
@@ -166,7 +167,7 @@ def test_non_finite_loss_undoes_the_step(bundles, sentiment_files):
     session, batch = _session_and_batch(bundles, sentiment_files)
     session.params.buffer[0] = np.inf
     before = session.params.buffer.copy()
-    trainer = ZOTrainer(session, TrainConfig(steps=1))
+    trainer = make_trainer(session, TrainConfig(steps=1))
     record = trainer.step(0, batch)[0]
     trainer.close()
     assert record.status == "undone" and record.grad == 0.0

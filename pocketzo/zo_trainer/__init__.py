@@ -4,7 +4,7 @@ from pocketzo.zo_trainer.config import TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.noise import Perturber
 from pocketzo.zo_trainer.run import BatchSampler, read_log, replay_run, train
-from pocketzo.zo_trainer.trainer import StepRecord, ZOTrainer, replay, step_seed
+from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, replay, step_seed
 
 __all__ = [
     "BatchSampler",
@@ -12,8 +12,8 @@ __all__ = [
     "Perturber",
     "StepRecord",
     "TrainConfig",
-    "ZOTrainer",
     "evaluate",
+    "make_trainer",
     "read_log",
     "replay",
     "replay_run",

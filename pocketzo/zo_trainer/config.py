@@ -9,18 +9,33 @@ from typing import Any, Literal
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
 
 Schedule = Literal["constant", "linear", "cosine"]
+Estimator = Literal["two-sided", "one-sided"]
 CONFIG_VERSION = 2  # 2: Gaussian noise by Box-Muller (version 1 used numpy's ziggurat)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a ZO-SGD run; saved as ``config.json`` in the run directory."""
+    """Everything that decides a ZO run; saved as ``config.json`` in the run directory.
+
+    The estimator (``directions``, ``estimator``), the perturbation's shape (``sparsity``,
+    ``curvature``) and the update rule (``momentum``, ``adaptive``, ``sign``) compose freely;
+    what each costs in memory and forward passes is in ``optim`` and docs/accuracy.md. The
+    defaults are plain ZO-SGD (MeZO) with one two-sided direction per step.
+    """
 
     steps: int
     lr: float = 1e-4
     eps: float = 1e-3
     batch_size: int = 16
     perturbation: Distribution = "rademacher"
+    directions: int = 1  # q: directions per step, averaged
+    estimator: Estimator = "two-sided"  # two-sided: 2q forwards/step; one-sided: q + 1, sharing L(theta)
+    momentum: float = 0.0  # beta of an EMA of the estimate (ZO-SGD-MMT); > 0 keeps one float32 per weight
+    adaptive: bool = False  # divide the step by the RMS of past g (a scalar second moment)
+    sign: bool = False  # step along the sign of the estimate (or of the momentum)
+    sparsity: float = 0.0  # fraction of each tensor never perturbed: its largest-magnitude weights
+    curvature: float = 0.0  # EMA rate of a diagonal curvature estimate that scales z (HiZOO-like; 0: off)
+    eps_end: float = 0.0  # > 0: eps decays linearly to this over the run (0: eps is constant)
     seed: int = 0
     threads: int = 0  # 0 = one per CPU core; used by ONNX Runtime and by the noise passes
     weight_decay: float = 0.0  # decoupled; only tensors with decay=True in the manifest (matrices)
@@ -50,6 +65,18 @@ class TrainConfig:
             (0 <= self.weight_decay < 1, "weight_decay must be in [0, 1)"),
             (self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every must be >= 0 and "
              "keep_checkpoints >= 1"),
+            (self.directions >= 1, "directions must be >= 1"),
+            (self.estimator in ("two-sided", "one-sided"), "estimator must be two-sided or one-sided"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (0 <= self.sparsity < 1, "sparsity must be in [0, 1)"),
+            (0 <= self.curvature < 1, "curvature must be in [0, 1)"),
+            (self.curvature == 0 or self.estimator == "two-sided", "curvature needs the two-sided estimator "
+             "(its estimate uses L+, L- and L(theta))"),
+            (self.curvature == 0 or self.perturbation == "gaussian", "curvature needs --perturbation gaussian: "
+             "with +-1 noise z_i^2 = 1 and every weight would get the same curvature"),
+            (0 <= self.eps_end <= self.eps and math.isfinite(self.eps_end), "eps_end must be in [0, eps]"),
+            (self.weight_decay == 0 or self.plain_update, "weight_decay works only with the plain ZO-SGD update "
+             "(no momentum, adaptive, sign, sparsity or curvature)"),
             (self.spike_factor == 0 or self.spike_factor > 1, "spike_factor must be 0 (off) or > 1"),
             (0 < self.lr_backoff <= 1 and self.max_failures >= 1, "lr_backoff must be in (0, 1] and "
              "max_failures >= 1"),
@@ -69,6 +96,27 @@ class TrainConfig:
         if self.schedule == "linear":
             return self.lr * (1.0 - frac)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    @property
+    def plain_update(self) -> bool:
+        """theta -= lr * mean_j g_j z_j with no optimizer state: the fused fast path."""
+        return not (self.momentum or self.adaptive or self.sign or self.sparsity or self.curvature)
+
+    @property
+    def needs_loss_zero(self) -> bool:
+        """Whether a step evaluates L(theta) itself (one-sided estimates, curvature)."""
+        return self.estimator == "one-sided" or self.curvature > 0
+
+    def forwards_per_step(self) -> int:
+        per_direction = 2 if self.estimator == "two-sided" else 1
+        return per_direction * self.directions + (1 if self.needs_loss_zero else 0)
+
+    def eps_at(self, step: int) -> float:
+        """Perturbation scale of 0-based ``step``: constant, or linear from eps to eps_end over the run."""
+        if not self.eps_end:
+            return self.eps
+        frac = min(1.0, step / max(1, self.steps))
+        return self.eps + (self.eps_end - self.eps) * frac
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -75,13 +75,22 @@ class Term:
     decay_coef: float | None = None  # None: same as coef
 
 
+class ChunkOp(Protocol):
+    """Any other per-chunk work that ``Perturber.apply`` can fuse into its pass (an optimizer update)."""
+
+    def apply_chunk(self, perturber: Perturber, chunk: int, theta: npt.NDArray[np.float32],
+                    z: npt.NDArray[np.float32], worker: int) -> None: ...
+
+
 class Perturber:
     """Applies terms ``theta += c * z(seed)`` to a flat float32 buffer, chunk by chunk, on a thread pool.
 
     Several terms given to one ``apply`` run in ONE pass over memory: each chunk of theta stays
     in cache while its terms are applied in order, with exactly the float32 operations (and so
     the rounding) of separate passes. ``decay_segments`` are element ranges whose weights a term
-    may also scale (decoupled weight decay fused into the update).
+    may also scale (decoupled weight decay fused into the update). ``sigma``, if given, is a
+    per-element scale of the direction: terms add ``c * sigma * z`` (sparse perturbation: sigma is
+    0 or 1; curvature: sigma = h^-1/2). It is read at each pass, so its owner may change it.
 
     Extra memory: one chunk (1 MiB) of scratch per thread.
     """
@@ -92,12 +101,15 @@ class Perturber:
         distribution: Distribution = "rademacher",
         threads: int = 1,
         decay_segments: Sequence[tuple[int, int]] = (),
+        sigma: npt.NDArray[np.float32] | None = None,
     ):
         if distribution not in ("rademacher", "gaussian"):
             raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
         if buffer.dtype != np.float32 or buffer.ndim != 1:
             raise ValueError("buffer must be a 1-D float32 array")
-        self.buffer = buffer
+        if sigma is not None and (sigma.shape != buffer.shape or decay_segments):
+            raise ValueError("sigma must match the buffer, and cannot be combined with decay segments")
+        self.buffer, self.sigma = buffer, sigma
         self.distribution: Distribution = distribution
         self.threads = max(1, threads)
         n = buffer.shape[0]
@@ -127,8 +139,8 @@ class Perturber:
         """One term in its own pass (see ``Term``)."""
         self.apply(Term(seed, coef, decay_factor, decay_coef))
 
-    def apply(self, *terms: Term) -> None:
-        """Apply ``terms`` in order, in one pass over the buffer."""
+    def apply(self, *terms: Term | ChunkOp) -> None:
+        """Apply ``terms`` (and chunk ops) in order, in one pass over the buffer."""
         if not terms:
             return
         if self._pool is None:
@@ -141,14 +153,17 @@ class Perturber:
         for f in futures:
             f.result()
 
-    def _run(self, worker: int, chunks: range, terms: Sequence[Term]) -> None:
+    def _run(self, worker: int, chunks: range, terms: Sequence[Term | ChunkOp]) -> None:
         buf, scratch = self.buffer, self._scratch[worker]
         for i in chunks:
             start = i * CHUNK_ELEMENTS
             theta = buf[start : start + CHUNK_ELEMENTS]
             z = scratch[: theta.shape[0]]
             for t in terms:
-                self._apply_term(i, theta, z, t)
+                if isinstance(t, Term):
+                    self._apply_term(i, theta, z, t)
+                else:
+                    t.apply_chunk(self, i, theta, z, worker)
 
     def _apply_term(self, chunk: int, theta: npt.NDArray[np.float32], z: npt.NDArray[np.float32], t: Term) -> None:
         c, d = np.float32(t.coef), np.float32(t.decay_factor)
@@ -156,6 +171,9 @@ class Perturber:
         ranges = self._decay[chunk] if (d != 1.0 or dc != c) else ()
         if not ranges:
             fill_noise(t.seed, chunk, self.distribution, z, c)
+            if self.sigma is not None:
+                start = chunk * CHUNK_ELEMENTS
+                np.multiply(z, self.sigma[start : start + z.shape[0]], out=z)
             np.add(theta, z, out=theta)
             return
         fill_noise(t.seed, chunk, self.distribution, z)

@@ -41,6 +41,7 @@ from pocketzo.zo_trainer.checkpoint import (
     CheckpointState,
     check_order,
     latest_checkpoint,
+    load_optimizer,
     pack_record,
     read_bin_log,
     save_checkpoint,
@@ -105,6 +106,9 @@ class _Loop:
         self.session, self.config = session, config
         self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
         self.trainer = make_trainer(session, config)
+        self.forwards_per_step = config.forwards_per_step() if session.slots == 1 else 1
+        if start:
+            load_optimizer(run_dir, start, self.trainer.state)
         self.sampler = BatchSampler(len(train_data), config.batch_size, config.seed)
         self.evals: list[dict] = list(start.evals) if start else []
         self.step_seconds: list[float] = []
@@ -147,7 +151,7 @@ class _Loop:
         if not np.isfinite(self.session.params.buffer).all():  # cannot happen: undone steps restore theta
             raise TrainingError(f"step {self.steps_done}: the weights are not finite; not saving a checkpoint")
         state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), "", self.evals)
-        save_checkpoint(self.run_dir, self.session.params, state, self.config.keep_checkpoints)
+        save_checkpoint(self.run_dir, self.session.params, state, self.config.keep_checkpoints, self.trainer.state)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signum
@@ -162,7 +166,7 @@ class _Loop:
                 bar.update(self.steps_done)
                 for step in range(self.steps_done, cfg.steps):
                     batch = self.train_data.batch(self.sampler.indices(step))
-                    records = self.trainer.step(step, batch, self.lr_scale, self.loss_limit())
+                    records = self.trainer.step(step, batch, cfg.lr_at(step) * self.lr_scale, self.loss_limit())
                     for r in records:
                         log.write(json.dumps(r.to_json()) + "\n")
                         log_bin.write(pack_record(r))
@@ -171,7 +175,7 @@ class _Loop:
                     record = records[0]
                     self.steps_done = step + 1
                     self.step_seconds.append(record.seconds)
-                    self.forward_seconds.append(record.forward_seconds / (2 if self.session.slots == 1 else 1))
+                    self.forward_seconds.append(record.forward_seconds / self.forwards_per_step)
                     self._after(record)
                     bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
                     if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
@@ -329,8 +333,8 @@ def _resume_state(out: Path, run_config: dict, session: TrainingSession) -> Chec
 def _measured(loop: _Loop, t_start: float) -> dict:
     return {
         "steps": loop.steps_done,
-        "forward_passes": 2 * loop.steps_done if loop.session.slots == 1 else loop.steps_done,
-        "perturbed_losses": 2 * loop.steps_done * max(1, loop.session.slots // 2),
+        "forward_passes": loop.forwards_per_step * loop.steps_done,
+        "perturbed_losses": loop.steps_done * max(loop.session.slots, loop.forwards_per_step),
         "eval_forward_passes": sum(e["forward_passes"] for e in loop.evals),
         "step_seconds_median": statistics.median(loop.step_seconds) if loop.step_seconds else None,
         "forward_seconds_median": statistics.median(loop.forward_seconds) if loop.forward_seconds else None,

@@ -1,0 +1,136 @@
+"""Backprop ceiling for the accuracy benchmark: PyTorch AdamW fine-tuning of the bundle's trainable set.
+
+    python benchmarks/accuracy_backprop.py --bundle bundles/smollm2-sentiment \
+        --model ~/.cache/pocketzo/smollm2-135m-instruct --train TRAIN.jsonl --eval DEV.jsonl \
+        --steps 1000 --seed 0 --json OUT.json
+
+It trains exactly what pocketzo's zeroth-order trainer trains (the parameters matching ``norm\\.weight$``,
+checked against the bundle's manifest, starting from the bundle's ``trainable.safetensors``), on the
+same rows at every step (``BatchSampler`` with the same seed), with the same in-graph loss
+(``PromptClassifierLoss``) and the same accuracy (argmin of ``candidate_loss`` over the eval set), so
+its test accuracy is the ceiling the ZO methods are compared against. The model stays in eval mode
+(no dropout), as in the exported ONNX graph.
+
+One backprop step costs one forward plus one backward pass, so the curve's x-axis is optimizer steps,
+not ZO forward passes: compare runs at equal steps, or convert the axes explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pocketzo.export.heads import PromptClassifierLoss
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.data import Dataset, TextEncoder
+from pocketzo.zo_trainer.run import BatchSampler
+
+TRAINABLE = re.compile(r"norm\.weight$")
+
+
+def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), torch.from_numpy(batch.labels)
+
+
+@torch.no_grad()
+def evaluate(head: PromptClassifierLoss, data: Dataset, batch_size: int = 32) -> tuple[float, float]:
+    """(accuracy, mean example loss) over ``data`` in length-sorted batches, as pocketzo evaluates."""
+    order = np.argsort(data.lengths(), kind="stable")
+    losses = np.empty(len(data), np.float64)
+    preds = np.empty(len(data), np.int64)
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
+        _, example_loss, candidate_loss = head(*tensors(data.batch(idx)))
+        losses[idx] = example_loss.numpy()
+        preds[idx] = candidate_loss.argmin(1).numpy()
+    return float(np.mean(preds == data.classes)), float(losses.mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--model", required=True, help="Hugging Face model directory the bundle was exported from")
+    p.add_argument("--train", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--eval-rows", type=int, default=0, help="use only the first N eval rows (0: all)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-at", default="", help="comma-separated steps to evaluate at (0 and --steps always)")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    bundle = Bundle(args.bundle)
+    encoder = TextEncoder(bundle)
+    train, data = encoder.dataset(args.train), encoder.dataset(args.eval)
+    if args.eval_rows:
+        data = dataclasses.replace(data, ids=data.ids[: args.eval_rows], classes=data.classes[: args.eval_rows])
+
+    net = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
+    head = PromptClassifierLoss(net, list(bundle.task.label_token_ids)).eval()
+    initial = load_file(str(bundle.trainable_path))
+    decay = {t.name: t.decay for t in bundle.manifest.trainable}
+    params = {n: q for n, q in net.named_parameters() if TRAINABLE.search(n)}
+    if set(params) != set(decay):
+        sys.exit(f"trainable set mismatch: {len(params)} parameters match the regex, the manifest has {len(decay)}")
+    for n, q in net.named_parameters():
+        q.requires_grad_(n in params)
+    with torch.no_grad():
+        for n, q in params.items():
+            q.copy_(initial[n].reshape(q.shape))
+    groups = [{"params": [q for n, q in params.items() if decay[n] == d], "weight_decay": args.weight_decay * d}
+              for d in (True, False)]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+    n_trainable = sum(q.numel() for q in params.values())
+
+    sampler = BatchSampler(len(train), args.batch_size, args.seed)
+    eval_at = {0, args.steps} | {int(s) for s in args.eval_at.split(",") if s.strip()}
+    curve, step_seconds = [], []
+    for step in range(args.steps + 1):
+        if step in eval_at:
+            accuracy, loss = evaluate(head, data)
+            curve.append({"step": step, "accuracy": accuracy, "loss": loss})
+            print(f"step {step}/{args.steps}: accuracy {accuracy:.4f} eval loss {loss:.4f} "
+                  f"({len(data)} rows, {time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+        if step == args.steps:
+            break
+        t0 = time.perf_counter()
+        loss, _, _ = head(*tensors(train.batch(sampler.indices(step))))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - t0)
+
+    out = {"method": "backprop-adamw", "seed": args.seed, "lr": args.lr, "steps": args.steps,
+           "batch_size": args.batch_size, "trainable_parameters": n_trainable, "curve": curve,
+           "final_accuracy": curve[-1]["accuracy"],
+           "step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "wall_seconds": time.perf_counter() - started}
+    path = Path(args.json)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Estimators and update rules (zo_trainer.optim): bias against autograd, loss reduction, memory,
+and bit-exact replay and resume with optimizer state."""
+
+from __future__ import annotations
+
+import shutil
+import tracemalloc
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pocketzo.runtime.bundle import Bundle, layout
+from pocketzo.runtime.session import FlatParameters
+from pocketzo.zo_trainer import TrainConfig, make_trainer, replay_run, train
+from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
+from pocketzo.zo_trainer.optim import State
+from pocketzo.zo_trainer.trainer import ZOTrainer
+
+
+class TinyMLP:
+    """A 4 -> 3 -> 2 softmax classifier on fixed data; its 23 weights live in a FlatParameters."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+        self.y = torch.randint(0, 2, (32,), generator=g)
+        specs, n = layout([("w1", (3, 4), True), ("b1", (3,), False), ("w2", (2, 3), True), ("b2", (2,), False)])
+        self.params = FlatParameters(specs, n)
+        for view in self.params.views.values():
+            view[...] = torch.randn(view.shape, generator=g).numpy() * 0.5
+
+    def _loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.tanh(self.x @ t["w1"].T + t["b1"])
+        return torch.nn.functional.cross_entropy(h @ t["w2"].T + t["b2"], self.y)
+
+    def loss(self, _batch=None) -> float:
+        with torch.no_grad():
+            return float(self._loss({k: torch.from_numpy(v.astype(np.float64)) for k, v in
+                                     self.params.views.items()}))
+
+    def gradient(self) -> np.ndarray:
+        t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in self.params.views.items()}
+        self._loss(t).backward()
+        flat = np.zeros_like(self.params.buffer, dtype=np.float64)
+        for s in self.params.specs:
+            flat[s.offset : s.offset + s.numel] = t[s.name].grad.numpy().ravel()
+        return flat
+
+    def trainer(self, config: TrainConfig) -> ZOTrainer:
+        return ZOTrainer(self.params, config, self.loss)
+
+
+def mean_estimate(model: TinyMLP, config: TrainConfig, n: int) -> np.ndarray:
+    """The average over n seeds of one step's estimate e (read off a step with lr 1: theta0 - theta1)."""
+    theta0 = model.params.buffer.copy()
+    trainer = model.trainer(config)
+    total = np.zeros_like(theta0, dtype=np.float64)
+    for k in range(n):
+        trainer.step(k, None, lr=1.0)
+        trainer.sync()
+        total += theta0 - model.params.buffer
+        model.params.buffer[...] = theta0
+    trainer.close()
+    return total / n
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """Over the 23 weights (the buffer's alignment padding is perturbed too, but is no weight).
+    The mean of n single-direction estimates has a relative error of about sqrt(23 / n) ~ 0.08."""
+    real = np.concatenate([np.arange(a, b) for a, b in TinyMLP().params.segments()])
+    return float(np.linalg.norm(got[real] - want[real]) / np.linalg.norm(want[real]))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(perturbation="gaussian"),
+    dict(perturbation="rademacher"),
+    dict(perturbation="rademacher", directions=4),
+    dict(perturbation="gaussian", estimator="one-sided", directions=4),
+    dict(perturbation="rademacher", estimator="one-sided", directions=4),
+], ids=["gaussian", "rademacher", "q4", "one-sided-gaussian", "one-sided-rademacher"])
+def test_estimators_are_unbiased_against_autograd(fields):
+    """E[e] = grad L: two-sided to O(eps^2); one-sided too for symmetric z (E[z z^T H z] = 0), with more variance."""
+    model = TinyMLP()
+    want = model.gradient()
+    got = mean_estimate(model, TrainConfig(steps=1, eps=1e-3, threads=1, **fields), 4000)
+    assert relative_error(got, want) < 0.2
+    # and a statistic that could fail: a wrong sign or scale would be far off
+    assert float(got @ want / (want @ want)) == pytest.approx(1.0, abs=0.1)
+    assert relative_error(-got, want) > 1.5 and relative_error(got / 2, want) > 0.4  # the bound can fail
+
+
+def test_sparse_estimate_is_the_gradient_of_the_perturbed_weights():
+    """Documented bias: E[e] = mask * grad L; the fixed weights never move."""
+    model = TinyMLP()
+    want = model.gradient()
+    cfg = TrainConfig(steps=1, eps=1e-3, threads=1, sparsity=0.5)
+    mask = State.initial(model.params, cfg, 1).sigma
+    got = mean_estimate(model, cfg, 4000)
+    assert mask.sum() == sum(max(1, round(s.numel / 2)) for s in model.params.specs)
+    assert np.all(got[mask == 0] == 0)
+    assert relative_error(got, mask * want) < 0.2
+
+
+def test_direction_scale_preconditions_the_estimate():
+    """With directions sigma * z, E[e] = sigma^2 * grad L (curvature's preconditioning; documented bias)."""
+    model = TinyMLP()
+    want = model.gradient()
+    cfg = TrainConfig(steps=1, eps=1e-3, threads=1, perturbation="gaussian", curvature=1e-12)
+    trainer = model.trainer(cfg)
+    sigma = np.random.default_rng(0).uniform(0.5, 2.0, trainer.state.sigma.shape).astype(np.float32)
+    theta0 = model.params.buffer.copy()
+    total = np.zeros_like(theta0, dtype=np.float64)
+    n = 4000
+    for k in range(n):
+        trainer.state.sigma[...] = sigma  # alpha = 1e-12 leaves it unchanged in float32 anyway
+        trainer.step(k, None, lr=1.0)
+        trainer.sync()
+        total += theta0 - model.params.buffer
+        model.params.buffer[...] = theta0
+    assert relative_error(total / n, sigma.astype(np.float64) ** 2 * want) < 0.2
+
+
+def test_curvature_shrinks_directions_where_the_loss_is_curved():
+    """On a loss with per-coordinate curvature 100 and 1, sigma ends smaller on the curved half."""
+    specs, n = layout([("w", (16,), False)])
+    params = FlatParameters(specs, n)
+    params.buffer[:16] = 0.5
+    curv = np.r_[np.full(8, 100.0), np.ones(8)]
+    trainer = ZOTrainer(params, TrainConfig(steps=1, eps=1e-2, lr=1e-4, threads=1, perturbation="gaussian",
+                                            curvature=0.05),
+                        lambda _: float(0.5 * np.sum(curv * params.buffer[:16].astype(np.float64) ** 2)))
+    for k in range(300):
+        trainer.step(k, None)
+    sigma = trainer.state.sigma[:16]
+    assert sigma[:8].mean() < 0.5 * sigma[8:].mean()
+
+
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(directions=4),
+    dict(estimator="one-sided", directions=4),
+    dict(momentum=0.9),
+    dict(adaptive=True, lr=2e-2),
+    dict(sign=True, lr=1e-2),
+    dict(momentum=0.9, adaptive=True, lr=2e-2),
+    dict(sparsity=0.5),
+    dict(perturbation="gaussian", curvature=1e-3),
+    dict(eps_end=1e-4, schedule="linear"),
+], ids=["sgd", "q4", "one-sided", "momentum", "adaptive", "sign", "adam", "sparse", "curvature", "eps-decay"])
+def test_each_update_rule_reduces_the_loss(fields):
+    model = TinyMLP(seed=1)
+    cfg = TrainConfig(**{"steps": 400, "lr": 0.2, "eps": 1e-3, "threads": 1, **fields})
+    before = model.loss()
+    trainer = model.trainer(cfg)
+    for k in range(cfg.steps):
+        trainer.step(k, None)
+    trainer.close()
+    assert np.isfinite(model.params.buffer).all()
+    assert model.loss() < 0.7 * before
+
+
+@pytest.mark.parametrize("fields, arrays, scratch_per_thread", [
+    (dict(), 0, 0),
+    (dict(directions=4, estimator="one-sided"), 0, 0),
+    (dict(momentum=0.9), 1, 1),
+    (dict(adaptive=True), 0, 1),
+    (dict(sign=True), 0, 1),
+    (dict(sparsity=0.5), 1, 1),
+    (dict(perturbation="gaussian", curvature=1e-3), 1, 2),
+    (dict(momentum=0.9, sparsity=0.5), 2, 1),
+], ids=["plain", "one-sided-q4", "momentum", "adaptive", "sign", "sparse", "curvature", "momentum+sparse"])
+def test_memory_overhead_matches_the_docstring(fields, arrays, scratch_per_thread):
+    """optim's table: n float32 per state array, one chunk of scratch per thread (two with curvature);
+    measured with tracemalloc while the trainer is built, beyond a plain trainer's."""
+    threads, n = 2, 3 * CHUNK_ELEMENTS
+    specs, size = layout([("w", (n,), False)])
+    params = FlatParameters(specs, size)
+    params.buffer[:] = np.linspace(-1, 1, size, dtype=np.float32)
+    expected = 4 * (arrays * size + scratch_per_thread * threads * CHUNK_ELEMENTS)
+
+    def built(cfg: TrainConfig) -> tuple[int, int]:
+        tracemalloc.start()
+        trainer = ZOTrainer(params, cfg, lambda _: 0.0)
+        size_now = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        trainer.close()
+        return size_now, trainer.state.extra_bytes
+
+    plain, _ = built(TrainConfig(steps=1, threads=threads))
+    traced, reported = built(TrainConfig(steps=1, threads=threads, **fields))
+    assert reported == expected
+    assert abs((traced - plain) - expected) < 64 * 1024  # Python objects aside
+
+
+STATEFUL = TrainConfig(steps=24, lr=2e-3, eps=1e-3, batch_size=8, seed=7, estimator="one-sided", directions=2,
+                       momentum=0.9, adaptive=True, sparsity=0.5, eps_end=2e-4, schedule="linear")
+
+
+@pytest.mark.parametrize("cfg", [STATEFUL, TrainConfig(steps=16, lr=2e-3, eps=1e-3, batch_size=8, seed=7,
+                                                       perturbation="gaussian", curvature=1e-3, sign=True)],
+                         ids=["one-sided-adam-sparse", "curvature-sign"])
+def test_stateful_runs_replay_and_resume_bit_for_bit(cfg, bundles, sentiment_files, tmp_path):
+    bundle = bundles("llama-norms")
+    train(bundle, sentiment_files["train"], tmp_path / "ref", cfg, show_progress=False)
+    weights = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "ref" / "weights.safetensors").buffer
+    assert not np.array_equal(weights, FlatParameters.from_bundle(Bundle(bundle)).buffer)
+    assert replay_run(bundle, tmp_path / "ref").buffer.tobytes() == weights.tobytes()
+    # a run with checkpoints, whose newest checkpoint is lost: it resumes from an older one
+    run = tmp_path / "run"
+    train(bundle, sentiment_files["train"], run, replace(cfg, checkpoint_every=cfg.steps // 4, keep_checkpoints=4),
+          show_progress=False)
+    newest = sorted((run / "checkpoints").glob("step-*"))
+    assert (newest[-2] / "momentum.npy").is_file() or cfg.momentum == 0
+    shutil.rmtree(newest[-1])
+    train(bundle, sentiment_files["train"], run, replace(cfg, checkpoint_every=cfg.steps // 4, keep_checkpoints=4),
+          show_progress=False, resume=True)
+    resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
+    assert resumed.tobytes() == weights.tobytes()
+
+
+def test_options_that_cannot_compose_are_refused():
+    for bad in (dict(curvature=1e-3), dict(curvature=1e-3, perturbation="gaussian", estimator="one-sided"),
+                dict(momentum=0.9, weight_decay=0.1), dict(eps_end=1.0), dict(directions=0), dict(sparsity=1.0)):
+        with pytest.raises(ValueError):
+            TrainConfig(steps=1, **bad)
+
+
+def test_slotted_trainer_takes_update_rules(bundles, sentiment_files):
+    from pocketzo.runtime import SessionConfig, TrainingSession
+    from pocketzo.runtime.data import TextEncoder
+
+    bundle = Bundle(bundles("llama-lora-slots"))
+    batch = TextEncoder(bundle).dataset(sentiment_files["train"]).batch(range(8))
+    session = TrainingSession(bundle, SessionConfig(threads=1))
+    trainer = make_trainer(session, TrainConfig(steps=2, lr=1e-2, threads=1, momentum=0.9, adaptive=True))
+    trainer.step(0, batch)
+    assert trainer.state.t == 1 and np.any(trainer.state.momentum != 0)
+    with pytest.raises(ValueError, match="slots"):
+        make_trainer(session, TrainConfig(steps=1, estimator="one-sided"))

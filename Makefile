@@ -27,7 +27,7 @@ PERSONAL_TRAIN  := --steps 150 --batch-size 8 --eval-batch-size 8 --lr 1e-3 --ep
                    --eval-every 50
 PERSONAL_PROMPT := "HAMLET\n"
 
-.PHONY: setup test lint demo demo-personal bench bench-modes clean
+.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,20 @@ bench-modes: setup
 	$(PY) benchmarks/phone_sized.py --cache $(CACHE)
 	$(PY) benchmarks/slots.py --cache $(CACHE)
 	$(PY) benchmarks/modes.py --cache $(CACHE)
+
+# Accuracy per forward pass: every ZO estimator/update rule vs ZO-SGD (MeZO), zero-shot and backprop AdamW,
+# on the demo's task: docs/accuracy.md + docs/img/accuracy.png. The full grid (every method, seeds 0,1,2) takes
+# hours on 2 cores; the quick mode (zero-shot, zo-sgd, best, backprop; seed 0) under 30 minutes. Runs already in
+# benchmarks/work/accuracy/ with the same settings are not repeated.
+bench-accuracy: $(DEMO_BUNDLE)/manifest.json
+	$(PY) benchmarks/accuracy.py --cache $(CACHE)
+
+bench-accuracy-quick: $(DEMO_BUNDLE)/manifest.json
+	$(PY) benchmarks/accuracy.py --cache $(CACHE) --quick
+
+$(DEMO_BUNDLE)/manifest.json: | setup
+	$(PY) -m pocketzo assets
+	$(PY) -m pocketzo export $(DEMO_MODEL) --out $(DEMO_BUNDLE) $(DEMO_EXPORT) --overwrite
 
 # pocketzo vs PyTorch MeZO, PyTorch AdamW and ONNX Runtime training (own venv), each in a fresh
 # process; writes benchmarks/results.json and docs/benchmarks.md (+ docs/img/*.png). About 30 min.

@@ -17,6 +17,19 @@ from pocketzo import __version__
 from pocketzo.errors import PocketzoError, RunInterrupted
 
 _HIDDEN_TRAIN_FIELDS = {"version", "noise_chunk"}
+TRAIN_HELP = {
+    "directions": "q directions per step, averaged",
+    "estimator": "two-sided: L(theta+eps z) and L(theta-eps z) per direction (2q forwards/step); one-sided: "
+                 "L(theta) once, then L(theta+eps z) per direction (q+1)",
+    "momentum": "EMA of the estimate (0: off); keeps one float32 per trainable weight",
+    "adaptive": "divide the step by the RMS of past projected gradients (no per-weight memory): lr becomes "
+                "the step per weight",
+    "sign": "step along the sign of the estimate (or momentum): lr is the step per weight",
+    "sparsity": "fraction of each tensor never perturbed (its largest-magnitude weights); one float32 per weight",
+    "curvature": "EMA rate of a diagonal curvature estimate scaling the directions (HiZOO-like; needs "
+                 "--perturbation gaussian; one float32 per weight and one more forward per step)",
+    "eps_end": "decay eps linearly to this over the run (0: constant eps)",
+}
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -24,8 +37,9 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
-                         help: dict[str, str] | None = None) -> None:
-    """One ``--flag`` per dataclass field, typed, defaulted (or required) from the field."""
+                         help: dict[str, str] | None = None, from_recipe: set[str] = frozenset()) -> None:
+    """One ``--flag`` per dataclass field, typed, defaulted (or required) from the field; the fields in
+    ``from_recipe`` default to None (their value then comes from a recipe)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -34,6 +48,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[s
         kw: dict = {"help": (help or {}).get(f.name, "")}
         if default is dataclasses.MISSING:
             kw["required"] = True
+        elif f.name in from_recipe:
+            kw["default"] = None
+            kw["help"] += " (default: from --recipe)"
         else:
             kw["default"] = default
             kw["help"] += f" (default {default!r})"
@@ -112,8 +129,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pocketzo.zo_trainer import TrainConfig, train
+    from pocketzo.zo_trainer.config import RECIPES
 
-    config = _dataclass_from_args(TrainConfig, args)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    config = _dataclass_from_args(TrainConfig, argparse.Namespace(**{**RECIPES[args.recipe], **given}))
     if args.out and args.resume and Path(args.out) != Path(args.resume):
         raise PocketzoError("--out and --resume name different run directories; give one of them")
     out = args.out or args.resume
@@ -189,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketzo.mobile_harness.bench import BenchConfig
     from pocketzo.mobile_harness.memory import PROFILES
     from pocketzo.runtime.session import SessionConfig
-    from pocketzo.zo_trainer.config import TrainConfig
+    from pocketzo.zo_trainer.config import DEFAULT_RECIPE, RECIPES, TrainConfig
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -245,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest valid checkpoint "
                    "(same bundle, data and flags)")
     t.add_argument("--memory-budget", help="refuse to start if the run would need more memory than this, e.g. 3G")
-    _add_dataclass_flags(t, TrainConfig, _HIDDEN_TRAIN_FIELDS)
+    t.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="the method the flags below start from: best = the best measured on a real task "
+                   "(docs/accuracy.md: " + ", ".join(f"{k} {v}" for k, v in RECIPES[DEFAULT_RECIPE].items()) +
+                   "); zo-sgd = plain MeZO (default %(default)s)")
+    _add_dataclass_flags(t, TrainConfig, _HIDDEN_TRAIN_FIELDS, TRAIN_HELP,
+                         from_recipe={k for r in RECIPES.values() for k in r})
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

@@ -29,7 +29,7 @@ CFG = TrainConfig(steps=400, lr=2e-3, eps=1e-3, batch_size=8, seed=7, weight_dec
 def _flags(cfg: TrainConfig) -> list[str]:
     keys = ("steps", "lr", "eps", "batch_size", "seed", "weight_decay", "schedule", "warmup_steps",
             "checkpoint_every", "eval_every", "threads")
-    return [x for k in keys for x in ("--" + k.replace("_", "-"), str(getattr(cfg, k)))]
+    return ["--recipe", "zo-sgd", *(x for k in keys for x in ("--" + k.replace("_", "-"), str(getattr(cfg, k))))]
 
 
 @pytest.fixture(scope="module")

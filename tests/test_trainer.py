@@ -98,6 +98,14 @@ def test_training_reduces_loss_on_a_tiny_task(bundles, sentiment_files, tmp_path
     assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"] - 0.2
     assert summary["final_accuracy"] > 0.8
     assert summary["forward_passes"] == 400
+    assert summary["warnings"] == []  # the loss moved: no stall warning
+
+
+def test_a_run_whose_loss_does_not_move_is_warned_about(bundles, sentiment_files, tmp_path, capsys):
+    cfg = TrainConfig(steps=100, lr=1e-9, eps=1e-3, batch_size=8, seed=3)
+    summary = train(bundles("llama-norms"), sentiment_files["train"], tmp_path / "run", cfg, show_progress=False)
+    assert len(summary["warnings"]) == 1 and "raise --lr (now 1e-09; try 1e-08)" in summary["warnings"][0]
+    assert "warning: after 50 steps the training loss has not moved" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("perturbation", ["rademacher", "gaussian"])

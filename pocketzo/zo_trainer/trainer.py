@@ -61,7 +61,7 @@ class StepRecord:
     loss_plus: float
     loss_minus: float  # one-sided: L(theta), shared by the step's directions
     seconds: float  # the whole step
-    forward_seconds: float = 0.0  # of which in the two forward passes (the rest is the noise passes)
+    forward_seconds: float = 0.0  # of which in the forward passes (the rest is the noise passes)
     status: str = "ok"  # "undone": a non-finite or exploding loss; the perturbation was removed, no update
     direction: int = 0  # the direction's index within its step
     loss_zero: float = math.nan  # L(theta), when the step measured it (one-sided, curvature)

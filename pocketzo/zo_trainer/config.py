@@ -15,7 +15,7 @@ CONFIG_VERSION = 2  # 2: Gaussian noise by Box-Muller (version 1 used numpy's zi
 # What `pocketzo train --recipe` starts from before its explicit flags; "best" is the default, the best
 # method measured on a real task (docs/accuracy.md). TrainConfig's own defaults stay plain ZO-SGD.
 RECIPES: dict[str, dict[str, Any]] = {
-    "best": {"estimator": "one-sided", "directions": 4, "adaptive": True, "lr": 1e-3},
+    "best": {"estimator": "one-sided", "directions": 4, "lr": 4e-4},
     "zo-sgd": {},  # MeZO's ZO-SGD: one two-sided direction, plain update
 }
 DEFAULT_RECIPE = "best"

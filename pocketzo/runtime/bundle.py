@@ -194,6 +194,16 @@ def layout(named_shapes: list[tuple[str, tuple[int, ...], bool]]) -> tuple[tuple
     return tuple(specs), offset
 
 
+def member_file(directory: Path, name: str, what: str, manifest: str = MANIFEST) -> Path:
+    """Resolve a file that ``directory``'s manifest names, refusing anything outside the directory."""
+    p = (directory / name).resolve()
+    if Path(name).is_absolute() or directory.resolve() not in p.parents:
+        raise BundleError(f"{directory / manifest}: file name {name!r} points outside {what}")
+    if not p.is_file():
+        raise BundleError(f"{p}: missing from {what}; re-export it")
+    return p
+
+
 class Bundle:
     """An opened, validated bundle directory."""
 
@@ -216,13 +226,7 @@ class Bundle:
                 self._member(name)
 
     def _member(self, name: str) -> Path:
-        """Resolve a file named by the manifest, refusing anything outside the bundle directory."""
-        p = (self.path / name).resolve()
-        if Path(name).is_absolute() or self.path.resolve() not in p.parents:
-            raise BundleError(f"{self.path / MANIFEST}: file name {name!r} points outside the bundle")
-        if not p.is_file():
-            raise BundleError(f"{p}: missing from the bundle; re-export it")
-        return p
+        return member_file(self.path, name, "the bundle")
 
     @property
     def model_path(self) -> Path:

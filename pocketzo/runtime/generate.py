@@ -37,6 +37,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from pocketzo.errors import BundleError, DataError
+from pocketzo.runtime.bundle import member_file
 from pocketzo.runtime.session import SessionConfig
 
 FORMAT = "pocketzo-inference"
@@ -163,12 +164,7 @@ class Generator:
         self._past_names = past_names(self.manifest.num_layers)
 
     def _member(self, name: str) -> Path:
-        p = (self.path / name).resolve()
-        if Path(name).is_absolute() or self.path.resolve() not in p.parents:
-            raise BundleError(f"{self.path / MANIFEST}: file name {name!r} points outside the directory")
-        if not p.is_file():
-            raise BundleError(f"{p}: missing from the inference directory; re-export it")
-        return p
+        return member_file(self.path, name, "the inference directory", MANIFEST)
 
     def empty_cache(self, batch: int = 1) -> Cache:
         m = self.manifest

@@ -86,12 +86,12 @@ def cmd_assets(args: argparse.Namespace) -> int:
     except ImportError:
         return _desktop_only(args)
 
-    assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json)
+    assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json, encoder=args.encoder)
     if args.json:
         print(json.dumps(assets.to_json(), indent=2))
     else:
         for k, v in assets.to_json().items():
-            print(f"{k:10s} {v}")
+            print(f"{k:12s} {v}")
     return 0
 
 
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", parents=[common], help="fetch and prepare the real model and data (desktop)")
     a.add_argument("--cache", help="cache directory (default $POCKETZO_CACHE or ~/.cache/pocketzo)")
     a.add_argument("--json", action="store_true", help="print the asset paths as JSON")
+    a.add_argument("--encoder", action="store_true", help="also all-MiniLM-L6-v2 (a BERT encoder, 91 MB)")
     a.set_defaults(func=cmd_assets)
 
     e = sub.add_parser("export", parents=[common],

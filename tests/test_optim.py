@@ -239,3 +239,24 @@ def test_slotted_trainer_takes_update_rules(bundles, sentiment_files):
     assert trainer.state.t == 1 and np.any(trainer.state.momentum != 0)
     with pytest.raises(ValueError, match="slots"):
         make_trainer(session, TrainConfig(steps=1, estimator="one-sided"))
+
+
+def test_default_recipe_is_the_best_measured_row():
+    """`pocketzo train`'s default recipe is the settings of the accuracy benchmark's best row (docs/accuracy.md)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from pocketzo.zo_trainer.config import DEFAULT_RECIPE, RECIPES
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    measured = bench.config_fields(bench.TASKS["smollm2"], bench.BEST)
+    assert TrainConfig(steps=1, **RECIPES[DEFAULT_RECIPE]) == TrainConfig(steps=1, **measured)
+    assert TrainConfig(steps=1, **RECIPES["zo-sgd"]) != TrainConfig(steps=1, **measured)  # the check can fail

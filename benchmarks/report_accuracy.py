@@ -123,8 +123,9 @@ def _section(name: str, task: Task, result: dict) -> list[str]:
         f"## `{name}`: {task.title}",
         "",
         f"Bundle `{task.bundle}`, training {task.trains}. Batch {task.batch_size}, eps {task.eps:g}, lr "
-        f"{task.lr:g} x the row's scale, constant schedule unless the row says otherwise. Every ZO run has the same "
-        f"budget of **{task.budget} training forward passes** (steps = budget / forwards per step). Accuracy is on "
+        f"{task.lr:g} (step_lr {task.step_lr:g} for adaptive and sign) x the row's scale, constant schedule unless "
+        f"the row says otherwise. Every ZO run has the same budget of **{task.budget} training forward passes** "
+        "(steps = budget / forwards per step). Accuracy is on "
         f"the first {EVAL_ROWS} test rows after the given fraction of the budget, mean ± std over the seeds listed "
         "(no std for one seed; – where a run was not evaluated there).",
         *(["", task.notes] if task.notes else []),

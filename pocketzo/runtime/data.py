@@ -1,16 +1,28 @@
 """JSONL (or plain text) data -> token ids -> padded batches, as the bundle's task expects them.
 
 Rows are ``{"text": ...}`` (causal-lm; an optional ``"prompt"`` prefix gets no loss) or
-``{"text": ..., "label": ...}`` (classify; ``label`` is one of the bundle's labels).
-For causal-lm, any file not ending in ``.jsonl`` is plain UTF-8 text: the whole text is
-tokenized once and cut into consecutive windows of ``max_length`` tokens (a user's notes,
-messages or documents, as they are).
-Batches are right-padded to their longest row. ``tokenizers`` is imported here only.
+``{"text": ..., "label": ...}`` (classify; ``label`` is one of the bundle's labels), one JSON
+object per line (JSON Lines).
+
+Which format a file is in is decided by its content, never by its name:
+
+- its first non-empty line is a JSON object: JSON Lines, and every line must be a row;
+- the whole file is one JSON array (or one object spread over several lines): refused, with a
+  hint to write one object per line (``jq -c '.[]' rows.json > rows.jsonl``);
+- anything else is plain UTF-8 text (causal-lm only; classify needs rows): the whole text is
+  tokenized once and cut into consecutive windows of ``max_length`` tokens (a user's notes,
+  messages or documents, as they are). Later lines that look like JSON are text too.
+  Only a file named ``*.json``, ``*.jsonl`` or ``*.ndjson`` (any case) is refused instead: its
+  name says rows, so plain text in it is a mistake, not something to train on.
+
+A UTF-8 byte order mark is dropped. Batches are right-padded to their longest row.
+``tokenizers`` is imported here only.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +34,9 @@ from pocketzo.errors import BundleError, DataError
 from pocketzo.runtime.bundle import Bundle, TaskSpec
 
 IGNORE = -100
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")  # names that promise rows
+_BOM = b"\xef\xbb\xbf"
+_FIRST_LINE = re.compile(rb"\S[^\r\n]*")  # from the first non-blank byte to the end of its line
 
 
 @dataclass(frozen=True)
@@ -66,27 +81,74 @@ class Dataset:
         return np.array([len(r) for r in self.ids], dtype=np.int64)
 
 
-def read_jsonl(path: str | Path, task: TaskSpec) -> list[tuple[int, dict]]:
-    """Read and check every row; returns ``(line number, row)`` pairs. Errors name the file and
-    1-based line and say what to fix."""
+def read_data(path: str | Path) -> bytes:
+    """The bytes of a data file, without a UTF-8 byte order mark. Errors say what to do."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found; check the path") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror}); pass a readable JSONL file") from None
+        raise DataError(f"{path}: cannot read it ({e.strerror}); pass a readable data file") from None
+    return raw.removeprefix(_BOM)
+
+
+def _parse(line: str) -> tuple[object, str]:
+    """``(value, "")`` for one JSON text, or ``(None, why not)``."""
+    try:
+        return json.loads(line), ""
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON: {e.msg}"
+    except (ValueError, RecursionError) as e:  # e.g. a 5,000-digit number, or [[[[... nested too deep
+        return None, f"not valid JSON: {str(e).split(':')[0]}"
+
+
+def reads_as_rows(path: str | Path, raw: bytes, task: TaskSpec) -> bool:
+    """True if the file is read as JSON Lines rows, False if as plain text (causal-lm only), by the
+    rule in the module docstring. Raises ``DataError`` for one JSON document (an array of rows, or
+    an object over several lines) and for a ``*.json``/``*.jsonl`` file that does not start with a row."""
+    path = Path(path)
+    first = _FIRST_LINE.search(raw)  # not raw.splitlines(): a plain text file may be large
+    if first is None:  # empty: the error speaks of rows or of text, as the task and the name say
+        return task.kind == "classify" or path.suffix.lower() in JSON_SUFFIXES
+    lineno = len((raw[: first.start()] + b".").splitlines())  # counted as read_jsonl counts lines
+    head, why = _parse(first.group().decode("utf-8", "replace"))  # a bad byte is reported row by row later
+    if isinstance(head, dict):
+        return True
+    if first.group()[:1] in (b"[", b"{"):
+        whole, _ = _parse(raw.decode("utf-8", "replace"))
+        out = f"{path.stem}-rows.jsonl"
+        if isinstance(whole, list):
+            raise DataError(f"{path}: holds one JSON array, not JSON Lines; write one {{\"text\": ...}} object "
+                            f"per line, e.g. jq -c '.[]' {path.name} > {out}")
+        if isinstance(whole, dict):
+            raise DataError(f"{path}: holds one JSON object over several lines, not JSON Lines; write each "
+                            f"{{\"text\": ...}} row on one line, e.g. jq -c . {path.name} > {out}")
+    if task.kind == "classify":  # rows or nothing: read_jsonl names the first bad line
+        return True
+    if path.suffix.lower() in JSON_SUFFIXES:
+        raise DataError(f"{path}:{lineno}: not JSON Lines ({why or 'not a JSON object'}); write one "
+                        f"{{\"text\": ...}} object per line, or rename it to .txt to train on it as plain text")
+    return False
+
+
+def read_jsonl(path: str | Path, task: TaskSpec, raw: bytes | None = None) -> list[tuple[int, dict]]:
+    """Read (unless ``raw`` is given) and check every row; returns ``(line number, row)`` pairs.
+    Errors name the file and 1-based line and say what to fix."""
+    path = Path(path)
+    raw = read_data(path) if raw is None else raw
     rows = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
+    for lineno, line in enumerate(raw.splitlines(), 1):  # bytes: only \n, \r and \r\n end a line
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line.decode("utf-8"))
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(f"{where}: not valid UTF-8; re-save the file as UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        row, why = _parse(text)
+        if why:
+            raise DataError(f"{where}: {why}; each line must be one JSON object")
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise DataError(f'{where}: each row needs a non-empty string "text"')
         if task.kind == "classify" and row.get("label") not in task.labels:
@@ -148,17 +210,17 @@ class TextEncoder:
         cut = len(ids) > n
         return np.asarray(ids[:n], np.int64), np.asarray(labels[:n], np.int64), cut
 
-    def text_windows(self, path: str | Path) -> Dataset:
-        """A plain text file as consecutive ``max_length``-token windows (the last one may be shorter)."""
+    def text_windows(self, path: str | Path, raw: bytes | None = None) -> Dataset:
+        """A plain text file (read unless ``raw`` is given) as consecutive ``max_length``-token
+        windows (the last one may be shorter)."""
         path = Path(path)
+        raw = read_data(path) if raw is None else raw
         try:
-            text = path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise DataError(f"{path}: data file not found; check the path") from None
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save the file as UTF-8") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); "
+                            "re-save the file as UTF-8") from None
         ids = np.asarray(self._ids(text), np.int64)
         n = self.task.max_length
         windows = tuple(ids[i : i + n] for i in range(0, len(ids), n) if len(ids) - i >= 2)
@@ -167,17 +229,20 @@ class TextEncoder:
         return Dataset(path, windows, 0, self.pad_token_id, token_labels=windows)
 
     def dataset(self, path: str | Path) -> Dataset:
-        if self.task.kind == "causal-lm" and Path(path).suffix != ".jsonl":
-            return self.text_windows(path)
-        rows = read_jsonl(path, self.task)
+        """Rows or plain-text windows, decided by the file's content (see the module docstring)."""
+        path = Path(path)
+        raw = read_data(path)
+        if not reads_as_rows(path, raw, self.task):
+            return self.text_windows(path, raw)
+        rows = read_jsonl(path, self.task, raw)
         encoded = [self.encode(r) for _, r in rows]
         ids = tuple(e[0] for e in encoded)
         n_truncated = sum(e[2] for e in encoded)
         if self.task.kind == "classify":
-            return Dataset(Path(path), ids, n_truncated, self.pad_token_id,
+            return Dataset(path, ids, n_truncated, self.pad_token_id,
                            classes=np.array([e[1] for e in encoded], np.int64))
         for (lineno, _), e in zip(rows, encoded, strict=True):
             if (e[1] != IGNORE).sum() < 2:
                 raise DataError(f"{path}:{lineno}: fewer than 2 tokens to learn from; drop the row or "
                                 "move text out of its prompt")
-        return Dataset(Path(path), ids, n_truncated, self.pad_token_id, token_labels=tuple(e[1] for e in encoded))
+        return Dataset(path, ids, n_truncated, self.pad_token_id, token_labels=tuple(e[1] for e in encoded))

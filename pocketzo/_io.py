@@ -1,5 +1,8 @@
 """Atomic file and directory output: nothing half-written is ever left under a final name.
 
+What these helpers write is readable by everyone, whatever the umask: files 0o644, directories
+0o755. Bundles, runs and merged models are copied to phones and served to browsers as they are.
+
 Stdlib only, so the device side can use it too.
 """
 
@@ -15,14 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file next to ``path``; on success fsync it and rename it over ``path``.
 
-    Text modes write UTF-8 with ``\\n`` line endings on every platform. The file gets the
-    usual permissions (``0o666`` minus the umask). On any exception the temp file is
-    removed and ``path`` is untouched.
+    Text modes write UTF-8 with ``\\n`` line endings on every platform. The file gets
+    ``FILE_MODE`` (not mkstemp's 0o600). On any exception the temp file is removed and
+    ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +38,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,15 +51,16 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temp directory next to ``path``; on success it replaces ``path``.
 
     Whatever was at ``path`` (file or directory) is removed only once the new directory is
-    in place. The directory gets the usual permissions (``0o777`` minus the umask). On any
-    exception the temp directory is removed and ``path`` is untouched.
+    in place. Before that, the directory and every directory in it get ``DIR_MODE`` and every
+    file ``FILE_MODE``, however they were written (mkdtemp makes 0o700; onnx writes external
+    data 0o600). On any exception the temp directory is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _make_readable(tmp)
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,10 +84,14 @@ def _replace(new: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _make_readable(directory: Path) -> None:
+    """``DIR_MODE`` on ``directory`` and the directories in it, ``FILE_MODE`` on its files (not via links)."""
+    os.chmod(directory, DIR_MODE)
+    for root, dirs, files in os.walk(directory):
+        for names, mode in ((dirs, DIR_MODE), (files, FILE_MODE)):
+            for name in names:
+                if not os.path.islink(p := os.path.join(root, name)):
+                    os.chmod(p, mode)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = False) -> None:

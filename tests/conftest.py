@@ -95,6 +95,8 @@ EXPORTS = {
     "opt-lora-causal": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4}),
     "llama-prompt-slots": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3, "slots": 2}),
     "bert-bitfit": ("bert", "classify", None, "all", {"peft": "bitfit"}),
+    "bert-lora": ("bert", "classify", None, "all",
+                  {"peft": "lora", "lora_rank": 4, "lora_targets": ("query", "value")}),  # + the new head
 }
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
-from conftest import EXPORTS, LABELS
+from conftest import EXPORTS, LABELS, TEMPLATE
 
-from pocketzo.export import ExportConfig, export_bundle, heads
+from pocketzo.errors import ExportError
+from pocketzo.export import ExportConfig, adapters, export_bundle, heads
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession, _safetensors
 from pocketzo.runtime.bundle import Manifest
 from pocketzo.runtime.data import TextEncoder
@@ -104,8 +107,31 @@ def test_prompt_labels_are_label_words(bundles):
     assert [tok.token_to_id(w) for w in LABELS] == list(bundle.task.label_token_ids)
 
 
-def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sentiment_files):
-    """Above the size threshold, frozen weights go to model.onnx.data and still load (threshold lowered here)."""
+def _assert_portable(directory):
+    """The manifest names every file of the bundle (manifest.json aside); files are 0644, directories 0755."""
+    files = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+    assert files == set(Bundle(directory).manifest.files.values()) | {"manifest.json"}
+    for p in [directory, *directory.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+@pytest.mark.parametrize("name", ["llama-lora-slots", "bert-classify", "opt-causal"])
+def test_manifest_names_every_file(name, bundles):
+    _assert_portable(bundles(name))
+    assert Bundle(bundles(name)).manifest.files["base_config"] == "hf_config.json"
+
+
+@pytest.fixture
+def private_umask():
+    """Export under umask 077, as in a locked-down CI job: the bundle must come out readable anyway."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sentiment_files, private_umask):
+    """Above the size threshold, frozen weights go to model.onnx.data and still load (threshold lowered here).
+    The manifest names that file, for clients that fetch a bundle file by file."""
     from pocketzo.export import ExportConfig, export_bundle, exporter
 
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
@@ -114,6 +140,8 @@ def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sent
         max_length=32))
     assert manifest.export["external_data"] and (tmp_path / "b" / "model.onnx.data").stat().st_size > 10_000
     assert manifest.export["parity"]["abs_error"] <= 1e-4
+    assert manifest.files["model_data"] == "model.onnx.data" and manifest.files["model"] == "model.onnx"
+    _assert_portable(tmp_path / "b")
 
 
 def test_encoder_without_head_gets_a_seeded_new_head(tmp_path):
@@ -181,8 +209,6 @@ def test_decoder_or_encoder_is_told_apart(kind, architectures, gguf, causal):
 
 
 def test_ort_format_bundle_gives_the_onnx_loss(tiny_models, tmp_path):
-    from conftest import TEMPLATE
-
     out = tmp_path / "ort-bundle"
     export_bundle(tiny_models["llama"], out, ExportConfig(task="classify", template=TEMPLATE, labels=LABELS,
                                                           max_length=32, ort=True))
@@ -202,3 +228,58 @@ def test_ort_format_bundle_gives_the_onnx_loss(tiny_models, tmp_path):
     np.testing.assert_allclose(a["example_loss"], b["example_loss"], rtol=0, atol=1e-6)
     assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-6
     assert bundle.manifest.export["parity_ort"]["abs_error"] <= 1e-4
+    assert bundle.manifest.files["ort_model"] == "model.ort"
+    assert bundle.manifest.files["required_operators"] == "required_operators.config"
+    _assert_portable(out)
+
+
+@pytest.mark.parametrize("name", ["llama-lora", "llama-lora-slots", "llama-prompt-slots", "bert-lora"])
+def test_parity_is_also_checked_at_random_adapter_values(name, bundles):
+    """Random adapters (LoRA B != 0, every slot different) are checked; the bundle still ships the initial ones."""
+    bundle = Bundle(bundles(name))
+    checked = bundle.manifest.export["parity"]["random_adapters"]
+    slots = bundle.manifest.slots
+    assert len(checked["loss_torch"]) == slots and len(set(checked["loss_torch"])) == slots
+    assert checked["abs_error"] <= 1e-4
+    initial = FlatParameters.from_bundle(bundle).views
+    for tensor_name, view in initial.items():
+        if tensor_name.endswith(".lora_B.weight"):
+            assert not view.any()
+        if slots > 1:
+            assert (view == view[:1]).all()
+
+
+def test_parity_has_no_random_check_without_an_adapter(bundles):
+    assert Bundle(bundles("bert-bitfit")).manifest.export["parity"]["random_adapters"] is None
+
+
+def _wrong_scale(monkeypatch):
+    """The traced LoRA layers scale B A by 2 alpha / r: invisible while B = 0."""
+    init = adapters.LoRALinear.__init__
+
+    def scaled(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.scale *= 2
+
+    monkeypatch.setattr(adapters.LoRALinear, "__init__", scaled)
+
+
+def _swapped_slots(monkeypatch):
+    """The traced LoRA layers compute slot k's rows with slot P-1-k's adapter: invisible while slots are equal."""
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight, self.bias)  # (N, T, out)
+        a, b = self.lora_A.weight.flip(0), self.lora_B.weight.flip(0)  # (P, r, in), (P, out, r)
+        grouped = x.reshape(self.slots, -1, x.shape[-1])  # (P, N/P * T, in)
+        return y + (grouped @ a.transpose(1, 2) @ b.transpose(1, 2)).reshape(y.shape) * self.scale
+
+    monkeypatch.setattr(adapters.LoRALinear, "forward", forward)
+
+
+@pytest.mark.parametrize("breakage, slots", [(_wrong_scale, 1), (_swapped_slots, 4)])
+def test_a_wrongly_applied_adapter_is_refused(breakage, slots, tiny_models, tmp_path, monkeypatch):
+    breakage(monkeypatch)
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match=r"with random adapter values .* the graph applies the adapters wrongly"):
+        export_bundle(tiny_models["llama"], out, ExportConfig(
+            task="classify", template=TEMPLATE, labels=LABELS, max_length=32, peft="lora", lora_rank=4, slots=slots))
+    assert not out.exists()

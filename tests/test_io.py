@@ -20,12 +20,6 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def test_atomic_open_success_leaves_only_the_target(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "out.jsonl"  # parent directories are created
     with atomic_open(target, "w") as handle:
@@ -33,7 +27,7 @@ def test_atomic_open_success_leaves_only_the_target(tmp_path: Path) -> None:
         assert not target.exists()  # nothing visible until the block ends
     assert target.read_bytes() == "héllo\nworld\n".encode()  # UTF-8, "\n" line endings
     assert _listing(target.parent) == ["out.jsonl"]
-    assert _mode(target) == 0o666 & ~_umask()  # not mkstemp's 0o600
+    assert _mode(target) == 0o644  # not mkstemp's 0o600
 
 
 def test_atomic_open_failure_keeps_old_content_and_no_temp_files(tmp_path: Path) -> None:
@@ -58,7 +52,7 @@ def test_atomic_dir_replaces_whole_directory_or_nothing(tmp_path: Path) -> None:
         (tmp / "new.txt").write_text("new", encoding="utf-8")
         assert not (final / "new.txt").exists()  # nothing visible until the block ends
     assert _listing(tmp_path) == ["model"] and _listing(final) == ["new.txt"]
-    assert _mode(final) == 0o777 & ~_umask()  # not mkdtemp's 0o700
+    assert _mode(final) == 0o755  # not mkdtemp's 0o700
 
 
 def test_atomic_dir_creates_a_new_directory_and_replaces_a_file(tmp_path: Path) -> None:
@@ -79,3 +73,22 @@ def test_write_json_format(tmp_path: Path) -> None:
     write_json(path, {"b": 1, "a": 2}, sort_keys=True)
     assert path.read_text(encoding="utf-8") == '{\n  "a": 2,\n  "b": 1\n}\n'
     assert json.loads(path.read_text(encoding="utf-8")) == {"a": 2, "b": 1}
+
+
+def test_output_is_readable_by_everyone_whatever_the_umask(tmp_path: Path) -> None:
+    """Bundles and runs are copied to phones and served to browsers: files 0644, directories 0755."""
+    old = os.umask(0o077)
+    try:
+        with atomic_open(tmp_path / "file.json", "w") as handle:
+            handle.write("{}")
+        with atomic_dir(tmp_path / "bundle") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "model.onnx.data").write_bytes(b"x")
+            os.chmod(tmp / "sub" / "model.onnx.data", 0o600)  # as onnx writes external data
+            write_json(tmp / "manifest.json", {})
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "file.json") == 0o644
+    bundle = tmp_path / "bundle"
+    assert [_mode(p) for p in (bundle, bundle / "sub")] == [0o755, 0o755]
+    assert [_mode(p) for p in (bundle / "manifest.json", bundle / "sub" / "model.onnx.data")] == [0o644, 0o644]

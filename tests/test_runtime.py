@@ -105,12 +105,29 @@ def _edit_manifest(path, **changes):
     (lambda p: _edit_manifest(p, format_version=99), "format_version 99"),
     (lambda p: _edit_manifest(p, tokenizer_file="../../etc/passwd"), "outside the bundle"),
     (lambda p: _edit_manifest(p, buffer_elements=3), "overflow"),
+    (lambda p: _edit_manifest(p, files={"model": "model.onnx"}), "'trainable.safetensors' is not in the manifest's"),
+    (lambda p: _edit_manifest(p, files={"model": "model.onnx", "x": "gone.bin"}), "gone.bin: missing"),
     (lambda p: _edit_manifest(p, task={"kind": "classify", "head": "lm", "max_length": 8}), "not a known"),
 ])
 def test_bad_bundles_are_named(bundle_copy, breakage, message):
     breakage(bundle_copy)
     with pytest.raises(BundleError, match=message):
         Bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_bundles_are_read_with_the_files_they_name(bundle_copy, version):
+    """Before version 3 a manifest had no ``files``: the files its fields name stand in for it."""
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    del m["files"]
+    m["format_version"] = version
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    assert Bundle(bundle_copy).manifest.files == {"model": "model.onnx", "trainable": "trainable.safetensors",
+                                                  "tokenizer": "tokenizer.json", "base_config": "hf_config.json"}
+    m["export"]["external_data"] = True  # then model.onnx.data is part of it
+    (bundle_copy / "model.onnx.data").write_bytes(b"")
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    assert Bundle(bundle_copy).manifest.files["model_data"] == "model.onnx.data"
 
 
 @pytest.mark.parametrize("victim, opener, message", [

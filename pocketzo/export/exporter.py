@@ -6,7 +6,8 @@
 3. rename initializers to their canonical HF state-dict names and turn the trainable ones
    into graph inputs (frozen ones stay initializers: prepacked, quantizable);
 4. write the bundle into a temp dir, check its loss through the device runtime against the
-   plain PyTorch loss, and only then rename it into place (``_io.atomic_dir``).
+   plain PyTorch loss, at the initial and at random adapter values (``parity``), and only then
+   rename it into place (``_io.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +28,24 @@ import torch
 from pocketzo import __version__
 from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import ExportError
-from pocketzo.export import adapters, heads
+from pocketzo.export import adapters, heads, parity
 from pocketzo.export.config import ExportConfig
 from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import (
+    FILE_NAMES,
     MANIFEST,
-    Bundle,
     HeadKind,
     Manifest,
     TaskSpec,
     ValueSpec,
     layout,
 )
-from pocketzo.runtime.session import SessionConfig, TrainingSession
 
 EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
-ORT_MODEL = "model.ort"
-BASE_CONFIG = "hf_config.json"
+MODEL, EXTERNAL_DATA, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["model_data"], FILE_NAMES["trainable"]
+ORT_MODEL, BASE_CONFIG = FILE_NAMES["ort_model"], FILE_NAMES["base_config"]
 # A quantized base is checked against the fp32 PyTorch loss too, within 50 % (relative above a loss of 1):
 # that catches a broken graph, not quantization error, which export.quantized.parity and the accuracy
 # tables report (dynamic int8 on SmolLM2-135M is off by 0.35 on the random parity batch, loss 1.23).
@@ -182,22 +182,6 @@ def _select(wrapper: torch.nn.Module, config: ExportConfig, head: HeadKind) -> l
     return chosen
 
 
-def _sample_batch(task: TaskSpec, vocab: int, seed: int):
-    """3 random rows, two of them padded."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = 3, min(16, task.max_length)
-    ids = torch.randint(3, vocab, (b, t), generator=g)
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate((0, 3, 5)):
-        if pad:
-            mask[row, -pad:] = 0
-    if task.kind == "classify":
-        labels = torch.randint(0, len(task.labels), (b,), generator=g)
-    else:
-        labels = ids.masked_fill(mask == 0, heads.IGNORE)
-    return ids, mask, labels
-
-
 def _parameters(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The head's parameters under Hugging Face names (the wrapped model's, without "net.")."""
     return {n.removeprefix("net."): p for n, p in wrapper.named_parameters()}
@@ -252,8 +236,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     wrapper, adapter = _wrap(net, head, task, config)
     trainable = _select(wrapper, config, head)
     # with P slots the rows are P equal groups: trace (and check parity) on the sample repeated P times
-    sample = tuple(x.repeat(config.slots, *([1] * (x.dim() - 1)))
-                   for x in _sample_batch(task, len(tokenizer), config.seed))
+    sample = parity.sample_batch(task, len(tokenizer), config.seed, config.slots)
     with atomic_dir(out) as tmp:  # the bundle appears complete, after its parity check, or not at all
         _say("tracing the loss graph with torch.onnx (dynamo)")
         rows, seq = torch.export.Dim("rows"), torch.export.Dim("seq")
@@ -278,9 +261,9 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         if config.ort and frozen_bytes > ORT_FORMAT_MAX_BYTES:
             raise ExportError(f"--ort: the ORT format holds at most 2 GB of weights in one file and this graph "
                               f"has {frozen_bytes / 1e9:.1f} GB; export without --ort (the runtime loads .onnx too)")
-        onnx.save_model(proto, str(tmp / "model.onnx"), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
-        _safetensors.save(tmp / "trainable.safetensors",
+        onnx.save_model(proto, str(tmp / MODEL), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=EXTERNAL_DATA, size_threshold=1024)
+        _safetensors.save(tmp / TRAINABLE,
                           {s.name: params[s.name].detach().float().numpy() for s in specs},
                           {"format": "pt", "producer": "pocketzo"})
         _save_tokenizer(tokenizer, tmp)
@@ -302,11 +285,11 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                     "onnx_opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                     "external_data": external},
         )
-        write_json(tmp / MANIFEST, manifest.to_json())
-        _say("checking parity: ONNX Runtime vs PyTorch")
-        want = _torch_loss(wrapper, net, head, sample, task, config)
-        parity = _check_parity(tmp, want, sample, config.parity_tolerance)
-        manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": parity}})
+        manifest = _write_manifest(tmp, manifest)
+        _say("checking parity: ONNX Runtime vs PyTorch, at the initial and at random adapter values")
+        reference = parity.reference(wrapper, head, sample, task, config, lifted)
+        checked = parity.check(tmp, reference, sample, config.parity_tolerance)
+        manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": checked}})
         n_specs, n_params = len(specs), sum(s.numel for s in specs)
         # The torch model and the in-memory graph are no longer needed: free them before quantizing, which
         # holds the graph about three times over (an OPT-1.3B export was killed for memory otherwise).
@@ -314,23 +297,34 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         gc.collect()
         if config.quantize != "none":
             _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
-            stats = quantize_frozen(tmp / "model.onnx", config.quantize)
-            write_json(tmp / MANIFEST, manifest.to_json())
-            error = _check_parity(tmp, want, sample, QUANTIZED_TOLERANCE)
+            stats = quantize_frozen(tmp / MODEL, config.quantize)
+            manifest = _write_manifest(tmp, manifest)
+            error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {
-                **manifest.export, "external_data": (tmp / "model.onnx.data").is_file(),
+                **manifest.export, "external_data": (tmp / EXTERNAL_DATA).is_file(),
                 "quantized": {**stats, "parity": error}}})
         if config.ort:
             _say("converting to ORT format (ONNX Runtime Mobile)")
             _convert_to_ort(tmp)
-            manifest = Manifest(**{**manifest.__dict__, "ort_model_file": ORT_MODEL})
-            write_json(tmp / MANIFEST, manifest.to_json())
-            parity_ort = _check_parity(tmp, want, sample, config.parity_tolerance if config.quantize == "none"
-                                       else QUANTIZED_TOLERANCE)
+            manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL))
+            parity_ort = parity.check(tmp, reference, sample, config.parity_tolerance if config.quantize == "none"
+                                      else QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
-        write_json(tmp / MANIFEST, manifest.to_json())
+        manifest = _write_manifest(tmp, manifest)
     _say(f"wrote {out} ({n_specs} trainable tensors, {n_params:,} parameters; "
-         f"parity error {parity['abs_error']:.2e})")
+         f"parity error {checked['abs_error']:.2e})")
+    return manifest
+
+
+def _write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` with ``files`` naming every file now in ``bundle_dir``; return it."""
+    present = {p.name for p in bundle_dir.iterdir()} - {MANIFEST}
+    files = {role: name for role, name in FILE_NAMES.items() if name in present}
+    unnamed = present - set(files.values())
+    if unnamed:  # a client fetching the files the manifest names would miss these
+        raise ExportError(f"{bundle_dir}: the export wrote {sorted(unnamed)}, which the manifest has no role for")
+    manifest = replace(manifest, files=files)
+    write_json(bundle_dir / MANIFEST, manifest.to_json())
     return manifest
 
 
@@ -341,7 +335,7 @@ def _convert_to_ort(bundle_dir: Path) -> None:
     ONNX Runtime would, and the trainable weights stay graph inputs.
     """
     work = bundle_dir / ".ort"
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(bundle_dir / "model.onnx"),
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(bundle_dir / MODEL),
            "--output_dir", str(work), "--optimization_style", "Fixed", "--target_platform", "arm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     produced = work / ORT_MODEL
@@ -349,7 +343,7 @@ def _convert_to_ort(bundle_dir: Path) -> None:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise ExportError(f"--ort: ONNX Runtime's converter failed ({lines[-1][:300] if lines else 'no output'})")
     shutil.move(produced, bundle_dir / ORT_MODEL)
-    shutil.move(work / "model.required_operators.config", bundle_dir / "required_operators.config")
+    shutil.move(work / "model.required_operators.config", bundle_dir / FILE_NAMES["required_operators"])
     shutil.rmtree(work)
 
 
@@ -361,29 +355,3 @@ def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:
         if (staging / name).is_file():
             shutil.move(staging / name, bundle_dir / name)
     shutil.rmtree(staging)
-
-
-def _torch_loss(wrapper, net, head: HeadKind, sample, task: TaskSpec, config: ExportConfig) -> float:
-    """The loss PyTorch computes for ``sample``: the plain Hugging Face way when the adapters start as the
-    identity (LoRA's B = 0, BitFit, none), else the head module itself (virtual tokens, slot 0)."""
-    if config.peft == "prompt" or config.slots > 1:
-        with torch.no_grad():
-            loss = wrapper(*sample)[0]
-        return float(loss.reshape(-1)[0])
-    ids, mask, labels = sample
-    return float(heads.reference_loss(net, head, ids, mask, labels, task.label_token_ids))
-
-
-def _check_parity(bundle_dir: Path, want: float, sample, tolerance: float) -> dict:
-    ids, mask, labels = sample
-    session = TrainingSession(Bundle(bundle_dir), SessionConfig(threads=1))
-    losses = np.atleast_1d(session.run(ids.numpy(), mask.numpy(), labels.numpy())["loss"])  # (slots,)
-    got = float(losses[0])
-    err = float(np.max(np.abs(losses.astype(np.float64) - want)))
-    # Relative above a loss of 1: a 30-layer fp32 model on random tokens (loss ~15) differs from
-    # PyTorch by ~1e-4 absolute (6e-6 relative) from accumulation order alone.
-    bound = tolerance * max(1.0, abs(want))
-    if not err <= bound:
-        raise ExportError(f"the exported loss {got:.6f} differs from PyTorch's {want:.6f} by {err:.2e} "
-                          f"(> {bound:.2g}); this architecture is not supported as exported")
-    return {"loss_onnx": got, "loss_torch": want, "abs_error": err, "batch": list(ids.shape)}

@@ -108,12 +108,25 @@ class SequenceClassifierLoss(_Head):
         return example_loss.mean(-1), example_loss, self._per_slot(candidate_loss)
 
 
-def reference_loss(net: nn.Module, head: str, input_ids, attention_mask, labels, label_token_ids=None) -> torch.Tensor:
-    """The same loss computed the plain Hugging Face way (full logits), for parity checks."""
+def reference_loss(net: nn.Module, head: str, input_ids, attention_mask, labels, label_token_ids=None,
+                   prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """The same loss computed the plain Hugging Face way (full logits), for parity checks.
+
+    ``prompt`` (k, H): virtual tokens put before every row, fed as ``inputs_embeds`` (prompt tuning).
+    """
     with torch.no_grad():
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if prompt is not None:
+            n, k = input_ids.shape[0], prompt.shape[0]
+            embeds = net.get_input_embeddings()(input_ids)  # (N, T, H)
+            inputs = {"inputs_embeds": torch.cat([prompt.expand(n, k, embeds.shape[-1]), embeds], dim=1),
+                      "attention_mask": torch.cat([torch.ones_like(attention_mask[:, :1]).expand(n, k),
+                                                   attention_mask], dim=1)}  # (N, k + T, H), (N, k + T)
+            if head == "lm":  # no loss on the virtual tokens, nor on the first real one (nothing real precedes it)
+                labels = torch.cat([torch.full_like(labels[:, :1], IGNORE).expand(n, k + 1), labels[:, 1:]], dim=1)
         if head in ("lm", "head"):
-            return net(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        logits = net(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+            return net(**inputs, labels=labels).loss
+        logits = net(**inputs).logits  # (B, k + T, V)
         rows = torch.arange(input_ids.shape[0])
-        answer = logits[rows, attention_mask.sum(1) - 1]  # (B, V)
+        answer = logits[rows, inputs["attention_mask"].sum(1) - 1]  # (B, V)
         return F.cross_entropy(answer[:, list(label_token_ids)].float(), labels)

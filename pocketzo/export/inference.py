@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -100,7 +99,6 @@ def export_inference(model_dir: Path, out: Path, *, overwrite: bool = False) -> 
         # (SmolLM2-135M: 730 MB peak RSS instead of 850-1150 MB), and protobuf stops at 2 GB anyway.
         onnx.save_model(proto, str(tmp / MODEL), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=WEIGHTS, size_threshold=1024)
-        os.chmod(tmp / WEIGHTS, (tmp / MODEL).stat().st_mode & 0o777)  # onnx creates it 0600
         tokenizer.save_pretrained(tmp)  # tokenizer.json for the device, the HF files for desktop users
         manifest = InferenceManifest(
             num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,

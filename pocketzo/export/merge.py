@@ -94,7 +94,13 @@ class TrainedRun:
                 w = weights[layer + ".weight"]
                 weights[layer + ".weight"] = (w.astype(np.float64) + scale * (b.astype(np.float64) @ a)).astype(
                     np.float32)  # (out, in)
+        # what trained besides the LoRA factors (an encoder's new classification head) is written as trained
+        weights.update({n: v for n, v in self.trained.items() if not _is_lora_factor(n)})
         return weights
+
+
+def _is_lora_factor(name: str) -> bool:
+    return name.endswith((".lora_A.weight", ".lora_B.weight"))
 
 
 def _hf_model(config: dict, head: str):
@@ -146,7 +152,7 @@ def to_peft(run: Path, out: Path, bundle: Path | None = None, overwrite: bool = 
                   "fan_in_fan_out": False, "modules_to_save": None}
         # PEFT's file names a tensor base_model.model.<HF name>, a new classification head included
         tensors = {"base_model.model." + n: v for n, v in r.trained.items()}
-        heads = sorted({n.split(".")[0] for n in r.trained if ".lora_" not in n})
+        heads = sorted({n.split(".")[0] for n in r.trained if not _is_lora_factor(n)})
         config["modules_to_save"] = heads or None
     elif r.adapter == "prompt":
         k, hidden = r.trained["prompt_embeddings"].shape

@@ -1,14 +1,17 @@
 """The bundle: the one contract between the desktop exporter and the device runtime.
 
-A bundle is a directory (documented in docs/bundle.md)::
+A bundle is a directory (documented in docs/bundle.md) of ``manifest.json`` (this module's
+``Manifest``, with ``format_version``) and the files its ``files`` names, by role::
 
-    manifest.json            this module's ``Manifest``, with ``format_version``
-    model.onnx               loss graph; trainable weights are graph inputs
-    model.ort                the same graph in ORT format, optional (``export --ort``); preferred when present
-    required_operators.config  the operators model.ort needs (for reduced-operator ONNX Runtime builds)
-    model.onnx.data          frozen weights as external data (large models only)
-    trainable.safetensors    initial values of the trainable tensors, HF names
-    tokenizer.json           a `tokenizers` tokenizer (+ any HF tokenizer files)
+    model                model.onnx               loss graph; trainable weights are graph inputs
+    model_data           model.onnx.data          its frozen weights as ONNX external data (large models only)
+    ort_model            model.ort                the same graph in ORT format (``export --ort``); preferred
+    required_operators   required_operators.config  the operators model.ort needs (reduced ONNX Runtime builds)
+    trainable            trainable.safetensors    initial values of the trainable tensors, HF names
+    tokenizer            tokenizer.json           a `tokenizers` tokenizer
+    tokenizer_config     tokenizer_config.json    Hugging Face tokenizer files, for desktop users
+    special_tokens_map   special_tokens_map.json
+    base_config          hf_config.json           the base model's Hugging Face config (merge)
 
 The device side reads it with numpy + onnxruntime only.
 """
@@ -23,9 +26,17 @@ from typing import Any, Literal
 from pocketzo.errors import BundleError
 
 FORMAT = "pocketzo-bundle"
-FORMAT_VERSION = 2  # 2 added slots, adapter and base_config_file; version 1 bundles are still read
-READABLE_VERSIONS = (1, 2)
+# 3 added files; 2 added slots, adapter and base_config_file. Versions 1 and 2 are still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+# The names the exporter gives a bundle's files, by role (the keys of ``Manifest.files``; see the docstring)
+FILE_NAMES = {
+    "model": "model.onnx", "model_data": "model.onnx.data", "ort_model": "model.ort",
+    "required_operators": "required_operators.config", "trainable": "trainable.safetensors",
+    "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
+    "special_tokens_map": "special_tokens_map.json", "base_config": "hf_config.json",
+}
 ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
 
 TaskKind = Literal["causal-lm", "classify"]
@@ -106,6 +117,9 @@ class Manifest:
     # this many equal groups, group k computed with slot k; outputs get a leading slot axis.
     slots: int = 1
     adapter: dict[str, Any] | None = None  # method ("lora", "prompt", "bitfit") and its settings
+    # Every file of the bundle but manifest.json, by role (FILE_NAMES): what a client that fetches a bundle
+    # file by file (a web page) downloads, and the name it passes ONNX Runtime for model_data.
+    files: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -148,10 +162,19 @@ class Manifest:
                 base_config_file=None if obj.get("base_config_file") is None else _str(obj["base_config_file"]),
                 slots=_count(obj.get("slots", 1)),
                 adapter=None if obj.get("adapter") is None else dict(obj["adapter"]),
+                files={_str(k): _str(v) for k, v in obj["files"].items()} if version >= 3 else _implied_files(obj),
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    def validate_files(self, where: str = MANIFEST) -> None:
+        """``files`` must name the files the other fields name."""
+        named = (self.model_file, self.trainable_file, self.tokenizer_file, self.ort_model_file,
+                 self.base_config_file)
+        for name in named:
+            if name is not None and name not in self.files.values():
+                raise BundleError(f"{where}: {name!r} is not in the manifest's files {sorted(self.files.values())}")
 
     def validate_layout(self, where: str = MANIFEST) -> None:
         """Tensors must be float32, aligned, in order, non-overlapping and inside the buffer."""
@@ -169,6 +192,15 @@ class Manifest:
             end = t.offset + t.numel
         if end > self.buffer_elements:
             raise BundleError(f"{where}: trainable tensors overflow the buffer ({end} > {self.buffer_elements})")
+
+
+def _implied_files(obj: dict[str, Any]) -> dict[str, str]:
+    """``files`` of a version 1 or 2 manifest: the files it names, and its external data if it says it has some."""
+    files = {"model": obj["model_file"], "trainable": obj["trainable_file"], "tokenizer": obj["tokenizer_file"],
+             "ort_model": obj.get("ort_model_file"), "base_config": obj.get("base_config_file")}
+    if dict(obj.get("export", {})).get("external_data"):
+        files["model_data"] = FILE_NAMES["model_data"]
+    return {role: _str(name) for role, name in files.items() if name is not None}
 
 
 def _str(value: Any) -> str:
@@ -219,11 +251,13 @@ class Bundle:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleError(f"{manifest_path}: corrupt JSON ({e}); re-export the bundle") from None
         self.manifest = Manifest.from_json(obj, str(manifest_path))
-        self.manifest.validate_layout(str(manifest_path))
-        for name in (self.manifest.model_file, self.manifest.trainable_file, self.manifest.tokenizer_file,
-                     self.manifest.ort_model_file, self.manifest.base_config_file):
+        m = self.manifest
+        m.validate_layout(str(manifest_path))
+        for name in (m.model_file, m.trainable_file, m.tokenizer_file, m.ort_model_file, m.base_config_file,
+                     *m.files.values()):
             if name is not None:
                 self._member(name)
+        m.validate_files(str(manifest_path))
 
     def _member(self, name: str) -> Path:
         return member_file(self.path, name, "the bundle")

@@ -143,13 +143,11 @@ class Perturber:
         """Apply ``terms`` (and chunk ops) in order, in one pass over the buffer."""
         if not terms:
             return
-        if self._pool is None:
+        workers = min(self.threads, self.n_chunks)  # a buffer of one chunk (small adapters) runs inline
+        if self._pool is None or workers == 1:
             self._run(0, range(self.n_chunks), terms)
             return
-        futures = [
-            self._pool.submit(self._run, w, range(w, self.n_chunks, self.threads), terms)
-            for w in range(self.threads)
-        ]
+        futures = [self._pool.submit(self._run, w, range(w, self.n_chunks, workers), terms) for w in range(workers)]
         for f in futures:
             f.result()
 

@@ -85,7 +85,7 @@ TASKS = {
 @dataclass(frozen=True)
 class Method:
     what: str
-    fields: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    fields: dict[str, Any] = field(default_factory=dict)  # Method fields
     lr_scale: float = 1.0  # x the task's lr (or step_lr)
     per_weight: bool = False  # lr is the step per weight (adaptive, sign): it scales the task's step_lr
     budget_scale: int = 1  # x the task's budget
@@ -142,23 +142,23 @@ def run_one(task: Task, method: str, seed: int, train: Path, test: Path, out: Pa
     from pocketzo.runtime.bundle import Bundle
     from pocketzo.runtime.data import TextEncoder
     from pocketzo.runtime.session import FlatParameters
-    from pocketzo.zo_trainer import BatchSampler, TrainConfig, evaluate, make_trainer
+    from pocketzo.zo_trainer import BatchSampler, Method, evaluate, make_trainer
 
     fields, budget = config_fields(task, method), task.budget * METHODS[method].budget_scale
-    steps = budget // TrainConfig(steps=1, **fields).forwards_per_step()
-    cfg = TrainConfig(steps=steps, seed=seed, threads=1, **fields)
+    steps = budget // Method(steps=1, **fields).forwards_per_step()
+    cfg = Method(steps=steps, seed=seed, **fields)
     bundle = Bundle(ROOT / task.bundle)
     encoder = TextEncoder(bundle)
     train_data, test_data = encoder.dataset(train), encoder.dataset(test)
     session = TrainingSession(bundle, SessionConfig(threads=1), FlatParameters.from_bundle(bundle))
-    trainer = make_trainer(session, cfg)
+    trainer = make_trainer(session, cfg, threads=1)
     sampler = BatchSampler(len(train_data), cfg.batch_size, seed)
     checkpoints = {max(1, steps // k) for k in EVAL_FRACTIONS}
     curve, losses, step_s, t0 = [], [], [], time.perf_counter()
     for step in range(steps):
-        records = trainer.step(step, train_data.batch(sampler.indices(step)))
-        step_s.append(records[0].seconds)
-        losses.append(float(np.mean([r.loss_plus for r in records])))
+        record = trainer.step(step, train_data.batch(sampler.indices(step)))
+        step_s.append(record.seconds)
+        losses.append(float(np.mean([d.loss_plus for d in record.directions])))
         if step + 1 in checkpoints:
             trainer.sync()
             result = evaluate(session, test_data, 32)

@@ -115,7 +115,11 @@ def plot(name: str, task: Task, result: dict, path: Path) -> None:
 
 
 def _section(name: str, task: Task, result: dict) -> list[str]:
-    from pocketzo.zo_trainer import TrainConfig
+    import dataclasses
+
+    from pocketzo.zo_trainer import Method
+
+    method_fields = {f.name for f in dataclasses.fields(Method)}
 
     rows, zero, t = result["rows"], result["zero_shot"], result["targets"]
     early = len(EVAL_FRACTIONS) - 1  # evaluations before the last, as columns
@@ -139,7 +143,7 @@ def _section(name: str, task: Task, result: dict) -> list[str]:
         row = rows.get(method)
         if row is None:
             continue
-        fps = TrainConfig.from_json(row["config"]).forwards_per_step()
+        fps = Method(**{k: v for k, v in row["config"].items() if k in method_fields}).forwards_per_step()
         accs = (["–"] * early + [_fmt(p["accuracy"]) for p in row["curve"]][:-1])[-early:]
         extra = row["extra_state_bytes"] / 1e3
         lines.append(f"| {method} | {m.what} | {fps} | {extra:,.0f} KB | {len(row['seeds'])} | "
@@ -193,7 +197,7 @@ def markdown(results: dict, meta: dict) -> str:
         lines += _section(name, TASKS[name], result)
     lines += ["## What each option costs", "",
               "n = trainable weights, q = directions per step. All of them compose "
-              "(`pocketzo train --help`); the details are in `pocketzo/zo_trainer/optim.py`.", "",
+              "(`pocketzo train --help`); the details are in `pocketzo/zo_trainer/updates.py`.", "",
               "| option | flag | forwards per step | memory beyond inference |",
               "|---|---|---|---|",
               "| two-sided ZO-SGD (MeZO) | `--recipe zo-sgd` | 2 | none (noise regenerated from seeds) |",

@@ -36,7 +36,7 @@ def export(model: Path, out: Path, slots: int) -> Path:
 def pairs_per_second(bundle: Path, batch: int, steps: int, threads: int) -> dict:
     from pocketzo.runtime import Bundle, SessionConfig, TrainingSession
     from pocketzo.runtime.data import Batch
-    from pocketzo.zo_trainer import TrainConfig
+    from pocketzo.zo_trainer import Method
     from pocketzo.zo_trainer.trainer import make_trainer
 
     b = Bundle(bundle)
@@ -44,16 +44,16 @@ def pairs_per_second(bundle: Path, batch: int, steps: int, threads: int) -> dict
     ids = np.random.default_rng(0).integers(4, 49152, size=(batch, SEQ), dtype=np.int64)
     labels = ids.copy() if b.task.kind == "causal-lm" else np.zeros(batch, np.int64)
     data = Batch(ids, np.ones_like(ids), labels)
-    trainer = make_trainer(session, TrainConfig(steps=steps + 2, lr=0.0, threads=threads))
+    trainer = make_trainer(session, Method(steps=steps + 2, lr=0.0), threads)
     seconds = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        records = trainer.step(i, data)
+        record = trainer.step(i, data)
         seconds.append(time.perf_counter() - t0)
     trainer.close()
     step = statistics.median(seconds[2:])
-    return {"slots": b.manifest.slots, "batch": batch, "step_s": step, "pairs_per_step": len(records),
-            "pairs_per_s": len(records) / step}
+    return {"slots": b.manifest.slots, "batch": batch, "step_s": step, "pairs_per_step": len(record.directions),
+            "pairs_per_s": len(record.directions) / step}
 
 
 def main() -> int:

@@ -16,9 +16,8 @@ from pathlib import Path
 from pocketzo import __version__
 from pocketzo.errors import PocketzoError, RunInterrupted
 
-_HIDDEN_TRAIN_FIELDS = {"version", "noise_chunk"}
+_HIDDEN_METHOD_FIELDS = {"version", "noise_chunk"}
 TRAIN_HELP = {
-    "directions": "q directions per step, averaged",
     "estimator": "two-sided: L(theta+eps z) and L(theta-eps z) per direction (2q forwards/step); one-sided: "
                  "L(theta) once, then L(theta+eps z) per direction (q+1)",
     "momentum": "EMA of the estimate (0: off); keeps one float32 per trainable weight",
@@ -29,6 +28,13 @@ TRAIN_HELP = {
     "curvature": "EMA rate of a diagonal curvature estimate scaling the directions (HiZOO-like; needs "
                  "--perturbation gaussian; one float32 per weight and one more forward per step)",
     "eps_end": "decay eps linearly to this over the run (0: constant eps)",
+    "directions": "q directions per step, averaged (a bundle with P slots: 1 = as many as one run holds)",
+}
+POLICY_HELP = {
+    "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
+    "memory_budget": "refuse to start if the run would need more memory than this, e.g. 3G",
+    "eval_every": "steps between evaluations of --eval (0: before and after only)",
+    "checkpoint_every": "steps between checkpoints (0: only on SIGINT/SIGTERM)",
 }
 
 
@@ -37,23 +43,25 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
-                         help: dict[str, str] | None = None, from_recipe: set[str] = frozenset()) -> None:
+                         help: dict[str, str] | None = None, from_recipe: set[str] = frozenset(),
+                         only_given: bool = False) -> None:
     """One ``--flag`` per dataclass field, typed, defaulted (or required) from the field; the fields in
-    ``from_recipe`` default to None (their value then comes from a recipe)."""
+    ``from_recipe`` say their value comes from a recipe. With ``only_given`` a flag that is not on the
+    command line leaves no attribute (the caller tells given flags from defaults)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         hint, default = hints[f.name], f.default
         kw: dict = {"help": (help or {}).get(f.name, "")}
-        if default is dataclasses.MISSING:
+        if default is dataclasses.MISSING and not only_given:
             kw["required"] = True
         elif f.name in from_recipe:
-            kw["default"] = None
+            kw["default"] = argparse.SUPPRESS if only_given else None
             kw["help"] += " (default: from --recipe)"
         else:
-            kw["default"] = default
-            kw["help"] += f" (default {default!r})"
+            kw["default"] = argparse.SUPPRESS if only_given else default
+            kw["help"] += "" if default is dataclasses.MISSING else f" (default {default!r})"
         if typing.get_origin(hint) is typing.Literal:
             kw["choices"] = typing.get_args(hint)
         elif isinstance(default, bool):
@@ -127,19 +135,36 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from pocketzo.zo_trainer import TrainConfig, train
-    from pocketzo.zo_trainer.config import RECIPES
+def _given(cls: type, args: argparse.Namespace) -> dict:
+    """The fields of ``cls`` given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
 
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    config = _dataclass_from_args(TrainConfig, argparse.Namespace(**{**RECIPES[args.recipe], **given}))
-    if args.out and args.resume and Path(args.out) != Path(args.resume):
-        raise PocketzoError("--out and --resume name different run directories; give one of them")
-    out = args.out or args.resume
-    if not out:
-        raise PocketzoError("give --out RUN for a new run, or --resume RUN to continue one")
-    summary = train(args.bundle, args.data, out, config, eval_path=args.eval, overwrite=args.overwrite,
-                    show_progress=not args.quiet, resume=bool(args.resume), memory_budget=args.memory_budget)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pocketzo.zo_trainer import DEFAULT_RECIPE, RECIPES, Method, RunPolicy, resume, train
+
+    # a new run starts from a recipe; a resumed one compares only what is on the command line
+    recipe = getattr(args, "recipe", None if args.resume else DEFAULT_RECIPE)
+    method_given = {**(RECIPES[recipe] if recipe else {}), **_given(Method, args)}
+    policy_given = {**_given(RunPolicy, args), "progress": not args.quiet}
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise PocketzoError("--out and --resume name different run directories; give one of them")
+        try:
+            summary = resume(args.resume, policy_given, method_given, bundle_path=args.bundle, train_path=args.data)
+        except ValueError as e:  # a policy flag's own validation
+            raise PocketzoError(f"bad option: {e}") from None
+    else:
+        missing = [flag for flag, v in (("BUNDLE", args.bundle), ("--data", args.data), ("--out", args.out)) if not v]
+        if missing:
+            raise PocketzoError(f"a new run needs {', '.join(missing)} (or --resume RUN to continue one)")
+        if "steps" not in method_given:
+            raise PocketzoError("a new run needs --steps N")
+        method = _dataclass_from_args(Method, argparse.Namespace(**method_given))
+        policy = _dataclass_from_args(RunPolicy, argparse.Namespace(**policy_given))
+        summary = train(args.bundle, args.data, args.out, method, policy, eval_path=args.eval,
+                        overwrite=args.overwrite)
     keys = ("zero_shot_accuracy", "final_accuracy", "steps", "step_seconds_median", "peak_rss_mb", "weights")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
@@ -208,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketzo.mobile_harness.bench import BenchConfig
     from pocketzo.mobile_harness.memory import PROFILES
     from pocketzo.runtime.session import SessionConfig
-    from pocketzo.zo_trainer.config import DEFAULT_RECIPE, RECIPES, TrainConfig
+    from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES, Method, RunPolicy
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -257,20 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.set_defaults(func=cmd_merge)
 
-    t = sub.add_parser("train", parents=[common], help="fine-tune a bundle with zeroth-order SGD (device)")
-    t.add_argument("bundle")
-    t.add_argument("--data", required=True, help="training JSONL")
-    t.add_argument("--eval", help="dev JSONL, evaluated before, during (--eval-every) and after training")
+    t = sub.add_parser("train", parents=[common], help="fine-tune a bundle with zeroth-order SGD (device)",
+                       description="A new run: BUNDLE --data FILE --out RUN --steps N [options]. Continue a run: "
+                       "--resume RUN alone (bundle, data and method come from RUN/config.json; the run-policy "
+                       "options, e.g. --threads, may change; a method option given must equal the run's).")
+    t.add_argument("bundle", nargs="?", help="the bundle to train (a new run)")
+    t.add_argument("--data", help="training data: JSONL rows, or plain text for causal-lm")
+    t.add_argument("--eval", help="dev data, evaluated before, during (--eval-every) and after training")
     t.add_argument("--out", help="run directory (a new run)")
-    t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest valid checkpoint "
-                   "(same bundle, data and flags)")
-    t.add_argument("--memory-budget", help="refuse to start if the run would need more memory than this, e.g. 3G")
-    t.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+    t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest valid checkpoint")
+    t.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
                    help="the method the flags below start from: best = the best measured on a real task "
                    "(docs/accuracy.md: " + ", ".join(f"{k} {v}" for k, v in RECIPES[DEFAULT_RECIPE].items()) +
-                   "); zo-sgd = plain MeZO (default %(default)s)")
-    _add_dataclass_flags(t, TrainConfig, _HIDDEN_TRAIN_FIELDS, TRAIN_HELP,
-                         from_recipe={k for r in RECIPES.values() for k in r})
+                   f"); zo-sgd = plain MeZO (default {DEFAULT_RECIPE})")
+    _add_dataclass_flags(t, Method, _HIDDEN_METHOD_FIELDS, TRAIN_HELP, from_recipe={k for r in RECIPES.values()
+                                                                                    for k in r}, only_given=True)
+    _add_dataclass_flags(t, RunPolicy, {"progress"}, POLICY_HELP, only_given=True)
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)

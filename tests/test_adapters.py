@@ -13,7 +13,7 @@ from pocketzo.errors import ExportError
 from pocketzo.export import ExportConfig
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import TrainConfig, read_log, replay_run, train
+from pocketzo.zo_trainer import Method, RunPolicy, read_log, replay_run, resume, train
 from pocketzo.zo_trainer.trainer import make_trainer
 
 NAMES = {
@@ -86,37 +86,40 @@ def test_per_row_outputs_come_back_per_row_for_any_batch_size(bundles, sentiment
 def test_slotted_step_matches_the_sequential_step(bundles, sentiment_files):
     """With 2 slots, one run gives the L+ and L- that two sequential runs give."""
     batch = TextEncoder(Bundle(bundles("llama-lora"))).dataset(sentiment_files["train"]).batch(range(8))
-    cfg = TrainConfig(steps=1, lr=1e-2, eps=1e-2, threads=1)
-    seq = make_trainer(TrainingSession(Bundle(bundles("llama-lora")), SessionConfig(threads=1)), cfg)
-    want = seq.step(0, batch)[0]
+    cfg = Method(steps=1, lr=1e-2, eps=1e-2)
+    seq = make_trainer(TrainingSession(Bundle(bundles("llama-lora")), SessionConfig(threads=1)), cfg, 1)
+    want = seq.step(0, batch).directions[0]
     slotted_bundle = Bundle(bundles("llama-lora-slots"))  # 4 slots: 2 directions, the first is seq's
-    got = make_trainer(TrainingSession(slotted_bundle, SessionConfig(threads=1)), cfg).step(0, batch)
-    assert [r.direction for r in got] == [0, 1] and got[0].seed == want.seed
+    record = make_trainer(TrainingSession(slotted_bundle, SessionConfig(threads=1)), cfg, 1).step(0, batch)
+    got = record.directions
+    assert len(got) == 2 and got[0].seed == want.seed
     assert got[0].loss_plus == pytest.approx(want.loss_plus, abs=1e-6)
     assert got[0].loss_minus == pytest.approx(want.loss_minus, abs=1e-5)
-    assert got[1].seed != got[0].seed and got[0].lr == cfg.lr  # the step's lr; each direction gets lr / q
+    assert got[1].seed != got[0].seed and record.lr == cfg.lr  # the step's lr; each direction gets lr / q
 
 
 def test_slotted_training_learns_replays_and_resumes_bit_for_bit(bundles, sentiment_files, tmp_path):
-    cfg = TrainConfig(steps=40, lr=2e-2, eps=1e-2, batch_size=8, seed=3, threads=1, checkpoint_every=10)
+    cfg = Method(steps=40, lr=2e-2, eps=1e-2, batch_size=8, seed=3)
+    policy = RunPolicy(threads=1, checkpoint_every=10, progress=False)
     bundle = bundles("llama-lora-slots")
     summary = train(bundle, sentiment_files["train"], tmp_path / "run", cfg, eval_path=sentiment_files["dev"],
-                    show_progress=False)
+                    policy=policy)
     assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"]
     assert summary["forward_passes"] == 40 and summary["perturbed_losses"] == 160
     records = read_log(tmp_path / "run" / "log.bin")
-    assert len(records) == 80 and {r.direction for r in records} == {0, 1}
+    assert len(records) == 40 and {len(r.directions) for r in records} == {2}
+    slotted = sum(s.numel for s in Bundle(bundle).manifest.trainable)
+    assert summary["trainable_parameters"] == slotted // 4  # theta, not its 4 slot copies
     trained = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "run" / "weights.safetensors")
     for log in ("log.jsonl", "log.bin"):
         assert np.array_equal(replay_run(bundle, tmp_path / "run" / log).buffer, trained.buffer)
     # resumed from its step-30 checkpoint (the newest one deleted), a run ends identical
     run2 = tmp_path / "run2"
-    train(bundle, sentiment_files["train"], run2, cfg, eval_path=sentiment_files["dev"], show_progress=False)
+    train(bundle, sentiment_files["train"], run2, cfg, policy, eval_path=sentiment_files["dev"])
     (run2 / "weights.safetensors").unlink()
     shutil.rmtree(run2 / "checkpoints" / "step-00000040")
-    train(bundle, sentiment_files["train"], run2, cfg, eval_path=sentiment_files["dev"], show_progress=False,
-          resume=True)
-    assert len(read_log(run2 / "log.bin")) == 80
+    resume(run2)
+    assert len(read_log(run2 / "log.bin")) == 40
     resumed = FlatParameters.from_bundle(Bundle(bundle), run2 / "weights.safetensors")
     assert np.array_equal(resumed.buffer, trained.buffer)
 

@@ -64,8 +64,15 @@ def test_flags_come_from_the_config_dataclasses():
     assert ev.cpu_mem_arena is False and ev.mem_pattern is True and ev.optimization == "basic"
     ex = p.parse_args(["export", "m", "--out", "o", "--task", "classify", "--labels", "neg, pos"])
     assert ex.labels == ("neg", "pos") and ex.max_length == 256 and ex.template is None
-    with pytest.raises(SystemExit):
-        p.parse_args(["train", "b", "--data", "d", "--out", "o"])  # --steps is required
+    tr = p.parse_args(["train", "b", "--data", "d", "--out", "o", "--lr", "0.1", "--threads", "2"])
+    assert tr.lr == 0.1 and tr.threads == 2 and not hasattr(tr, "eps")  # only given flags: resume compares them
+
+
+def test_a_new_run_needs_steps_data_and_out(capsys):
+    assert main(["train", "b", "--data", "d", "--out", "o"]) == 1
+    assert "a new run needs --steps N" in capsys.readouterr().err
+    assert main(["train", "--steps", "3"]) == 1
+    assert "a new run needs BUNDLE, --data, --out (or --resume RUN to continue one)" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback(tmp_path):

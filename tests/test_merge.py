@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import EXPORTS
 
 from pocketzo.errors import ExportError
 from pocketzo.export import heads, merge
-from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession, _safetensors
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import TrainConfig, train
+from pocketzo.zo_trainer import Method, RunPolicy, train
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,9 @@ def trained(bundles, sentiment_files, tmp_path_factory):
 
     def get(name):
         if name not in runs:
-            cfg = TrainConfig(steps=12, lr=0.5, eps=1e-2, batch_size=8, threads=1, spike_factor=0)
-            train(bundles(name), sentiment_files["train"], root / name, cfg, show_progress=False)
+            cfg = Method(steps=12, lr=0.5, eps=1e-2, batch_size=8)
+            train(bundles(name), sentiment_files["train"], root / name, cfg,
+                  RunPolicy(threads=1, spike_factor=0, progress=False))
             runs[name] = root / name
         return runs[name]
 
@@ -50,7 +52,7 @@ def _batch(bundle_path, files):
     return TextEncoder(Bundle(bundle_path)).dataset(files["dev"]).batch(range(6))
 
 
-@pytest.mark.parametrize("name", ["llama-lora", "opt-lora-causal", "bert-bitfit", "llama-lora-slots"])
+@pytest.mark.parametrize("name", ["llama-lora", "opt-lora-causal", "bert-bitfit", "llama-lora-slots", "bert-lora"])
 def test_to_hf_reproduces_the_trained_loss(name, bundles, trained, sentiment_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -63,6 +65,22 @@ def test_to_hf_reproduces_the_trained_loss(name, bundles, trained, sentiment_fil
     cls = AutoModelForSequenceClassification if EXPORTS[name][0] == "bert" else AutoModelForCausalLM
     net = cls.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     assert _hf_loss(net, bundle, batch) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("from_base", [False, True])
+def test_to_hf_writes_the_trained_head_of_a_lora_encoder(from_base, bundles, trained, tiny_models, tmp_path):
+    """BERT with --peft lora trains LoRA on query/value and its classification head: both reach the HF model."""
+    from transformers import AutoModelForSequenceClassification
+
+    run, bundle = trained("bert-lora"), bundles("bert-lora")
+    start = _safetensors.load(bundle / "trainable.safetensors")
+    want = _safetensors.load(run / "weights.safetensors")
+    assert {"classifier.weight", "classifier.bias"} < set(want)
+    assert not np.array_equal(want["classifier.weight"], start["classifier.weight"])  # the head moved
+    merge.to_hf(run, tmp_path / "hf", base=tiny_models["bert"] if from_base else None)
+    state = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").state_dict()
+    for name in ("classifier.weight", "classifier.bias"):
+        np.testing.assert_array_equal(state[name].numpy(), want[name])
 
 
 @pytest.mark.parametrize("name", ["llama-lora", "opt-lora-causal"])

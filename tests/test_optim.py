@@ -1,5 +1,5 @@
-"""Estimators and update rules (zo_trainer.optim): bias against autograd, loss reduction, memory,
-and bit-exact replay and resume with optimizer state."""
+"""Estimators and update rules (zo_trainer.estimators, .updates): bias against autograd, loss reduction,
+memory, noise generations per step, and bit-exact replay and resume with optimizer state."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ import torch
 
 from pocketzo.runtime.bundle import Bundle, layout
 from pocketzo.runtime.session import FlatParameters
-from pocketzo.zo_trainer import TrainConfig, make_trainer, replay_run, train
+from pocketzo.zo_trainer import Method, RunPolicy, make_trainer, replay_run, resume, train
+from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
-from pocketzo.zo_trainer.optim import State
-from pocketzo.zo_trainer.trainer import ZOTrainer
+from pocketzo.zo_trainer.trainer import Trainer, build_trainer
+from pocketzo.zo_trainer.updates import State, state_bytes
+
+QUIET = RunPolicy(progress=False)
+
+
+def sequential(params: FlatParameters, method: Method, loss, threads: int = 1) -> Trainer:
+    """A sequential trainer whose forward pass is ``loss()`` of the buffer's current contents."""
+    return build_trainer(params, 1, method, threads, lambda plan, point, batch: loss())
 
 
 class TinyMLP:
@@ -48,11 +56,11 @@ class TinyMLP:
             flat[s.offset : s.offset + s.numel] = t[s.name].grad.numpy().ravel()
         return flat
 
-    def trainer(self, config: TrainConfig) -> ZOTrainer:
-        return ZOTrainer(self.params, config, self.loss)
+    def trainer(self, config: Method) -> Trainer:
+        return sequential(self.params, config, self.loss)
 
 
-def mean_estimate(model: TinyMLP, config: TrainConfig, n: int) -> np.ndarray:
+def mean_estimate(model: TinyMLP, config: Method, n: int) -> np.ndarray:
     """The average over n seeds of one step's estimate e (read off a step with lr 1: theta0 - theta1)."""
     theta0 = model.params.buffer.copy()
     trainer = model.trainer(config)
@@ -84,7 +92,7 @@ def test_estimators_are_unbiased_against_autograd(fields):
     """E[e] = grad L: two-sided to O(eps^2); one-sided too for symmetric z (E[z z^T H z] = 0), with more variance."""
     model = TinyMLP()
     want = model.gradient()
-    got = mean_estimate(model, TrainConfig(steps=1, eps=1e-3, threads=1, **fields), 4000)
+    got = mean_estimate(model, Method(steps=1, eps=1e-3, **fields), 4000)
     assert relative_error(got, want) < 0.2
     # and a statistic that could fail: a wrong sign or scale would be far off
     assert float(got @ want / (want @ want)) == pytest.approx(1.0, abs=0.1)
@@ -95,7 +103,7 @@ def test_sparse_estimate_is_the_gradient_of_the_perturbed_weights():
     """Documented bias: E[e] = mask * grad L; the fixed weights never move."""
     model = TinyMLP()
     want = model.gradient()
-    cfg = TrainConfig(steps=1, eps=1e-3, threads=1, sparsity=0.5)
+    cfg = Method(steps=1, eps=1e-3, sparsity=0.5)
     mask = State.initial(model.params, cfg, 1).sigma
     got = mean_estimate(model, cfg, 4000)
     assert mask.sum() == sum(max(1, round(s.numel / 2)) for s in model.params.specs)
@@ -107,7 +115,7 @@ def test_direction_scale_preconditions_the_estimate():
     """With directions sigma * z, E[e] = sigma^2 * grad L (curvature's preconditioning; documented bias)."""
     model = TinyMLP()
     want = model.gradient()
-    cfg = TrainConfig(steps=1, eps=1e-3, threads=1, perturbation="gaussian", curvature=1e-12)
+    cfg = Method(steps=1, eps=1e-3, perturbation="gaussian", curvature=1e-12)
     trainer = model.trainer(cfg)
     sigma = np.random.default_rng(0).uniform(0.5, 2.0, trainer.state.sigma.shape).astype(np.float32)
     theta0 = model.params.buffer.copy()
@@ -128,9 +136,8 @@ def test_curvature_shrinks_directions_where_the_loss_is_curved():
     params = FlatParameters(specs, n)
     params.buffer[:16] = 0.5
     curv = np.r_[np.full(8, 100.0), np.ones(8)]
-    trainer = ZOTrainer(params, TrainConfig(steps=1, eps=1e-2, lr=1e-4, threads=1, perturbation="gaussian",
-                                            curvature=0.05),
-                        lambda _: float(0.5 * np.sum(curv * params.buffer[:16].astype(np.float64) ** 2)))
+    trainer = sequential(params, Method(steps=1, eps=1e-2, lr=1e-4, perturbation="gaussian", curvature=0.05),
+                         lambda: float(0.5 * np.sum(curv * params.buffer[:16].astype(np.float64) ** 2)))
     for k in range(300):
         trainer.step(k, None)
     sigma = trainer.state.sigma[:16]
@@ -151,7 +158,7 @@ def test_curvature_shrinks_directions_where_the_loss_is_curved():
 ], ids=["sgd", "q4", "one-sided", "momentum", "adaptive", "sign", "adam", "sparse", "curvature", "eps-decay"])
 def test_each_update_rule_reduces_the_loss(fields):
     model = TinyMLP(seed=1)
-    cfg = TrainConfig(**{"steps": 400, "lr": 0.2, "eps": 1e-3, "threads": 1, **fields})
+    cfg = Method(**{"steps": 400, "lr": 0.2, "eps": 1e-3, **fields})
     before = model.loss()
     trainer = model.trainer(cfg)
     for k in range(cfg.steps):
@@ -165,66 +172,102 @@ def test_each_update_rule_reduces_the_loss(fields):
     (dict(), 0, 0),
     (dict(directions=4, estimator="one-sided"), 0, 0),
     (dict(momentum=0.9), 1, 1),
-    (dict(adaptive=True), 0, 1),
-    (dict(sign=True), 0, 1),
-    (dict(sparsity=0.5), 1, 1),
+    (dict(adaptive=True), 0, 0),
+    (dict(sign=True), 0, 0),
+    (dict(sign=True, directions=2), 0, 1),
+    (dict(sparsity=0.5), 1, 0),
     (dict(perturbation="gaussian", curvature=1e-3), 1, 2),
     (dict(momentum=0.9, sparsity=0.5), 2, 1),
-], ids=["plain", "one-sided-q4", "momentum", "adaptive", "sign", "sparse", "curvature", "momentum+sparse"])
+], ids=["plain", "one-sided-q4", "momentum", "adaptive", "sign", "sign-q2", "sparse", "curvature", "momentum+sparse"])
 def test_memory_overhead_matches_the_docstring(fields, arrays, scratch_per_thread):
-    """optim's table: n float32 per state array, one chunk of scratch per thread (two with curvature);
-    measured with tracemalloc while the trainer is built, beyond a plain trainer's."""
+    """updates' table: n float32 per state array, one chunk of scratch per thread for a per-weight update
+    (two with curvature); measured with tracemalloc while the trainer is built, beyond a plain trainer's."""
     threads, n = 2, 3 * CHUNK_ELEMENTS
     specs, size = layout([("w", (n,), False)])
     params = FlatParameters(specs, size)
     params.buffer[:] = np.linspace(-1, 1, size, dtype=np.float32)
     expected = 4 * (arrays * size + scratch_per_thread * threads * CHUNK_ELEMENTS)
 
-    def built(cfg: TrainConfig) -> tuple[int, int]:
+    def built(cfg: Method) -> tuple[int, int]:
         tracemalloc.start()
-        trainer = ZOTrainer(params, cfg, lambda _: 0.0)
+        trainer = sequential(params, cfg, lambda: 0.0, threads)
         size_now = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         trainer.close()
         return size_now, trainer.state.extra_bytes
 
-    plain, _ = built(TrainConfig(steps=1, threads=threads))
-    traced, reported = built(TrainConfig(steps=1, threads=threads, **fields))
-    assert reported == expected
+    plain, _ = built(Method(steps=1))
+    traced, reported = built(Method(steps=1, **fields))
+    assert reported == expected == state_bytes(Method(steps=1, **fields), size, threads)
     assert abs((traced - plain) - expected) < 64 * 1024  # Python objects aside
 
 
-STATEFUL = TrainConfig(steps=24, lr=2e-3, eps=1e-3, batch_size=8, seed=7, estimator="one-sided", directions=2,
-                       momentum=0.9, adaptive=True, sparsity=0.5, eps_end=2e-4, schedule="linear")
+@pytest.mark.parametrize("fields, generations", [
+    (dict(), 3),  # plain ZO-SGD: +eps z (fused with the last update), -2 eps z, restore + update fused
+    (RECIPES[DEFAULT_RECIPE], 3),  # the default recipe only rescales the step: no more than ZO-SGD
+    (dict(sign=True), 3),
+    (dict(sparsity=0.5), 3),
+    (dict(adaptive=True, weight_decay=0.1), 3),
+    (dict(momentum=0.9), 4),  # a per-weight update regenerates z once more
+    (dict(directions=2), 7),  # z_1 update, z_2 restore+update, +eps z_1 | -2eps z_1 | z_1 back, +eps z_2 | -2eps z_2
+    (dict(estimator="one-sided", directions=2), 5),  # z_1 update, z_2 restore+update | +eps z_1 | z_1 back, z_2
+], ids=["zo-sgd", "default-recipe", "sign", "sparse", "adaptive-decay", "momentum", "q2", "one-sided-q2"])
+def test_noise_generations_per_step(fields, generations, monkeypatch):
+    """How often a step draws z (each draw is the noise pass's main cost), counted over 10 steady steps."""
+    import pocketzo.zo_trainer.noise as noise
+    import pocketzo.zo_trainer.updates as updates
+
+    calls = {"n": 0}
+    original = noise.fill_noise
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "fill_noise", counting)
+    monkeypatch.setattr(updates, "fill_noise", counting)
+    model = TinyMLP()  # 23 weights: one chunk, so draws = generations
+    trainer = model.trainer(Method(**{"steps": 20, "lr": 1e-2, **fields}))
+    trainer.step(0, None)
+    calls["n"] = 0
+    for k in range(1, 11):
+        trainer.step(k, None)
+    assert calls["n"] == 10 * generations
 
 
-@pytest.mark.parametrize("cfg", [STATEFUL, TrainConfig(steps=16, lr=2e-3, eps=1e-3, batch_size=8, seed=7,
-                                                       perturbation="gaussian", curvature=1e-3, sign=True)],
-                         ids=["one-sided-adam-sparse", "curvature-sign"])
+STATEFUL = Method(steps=24, lr=2e-3, eps=1e-3, batch_size=8, seed=7, estimator="one-sided", directions=2,
+                  momentum=0.9, adaptive=True, sparsity=0.5, eps_end=2e-4, schedule="linear")
+
+
+@pytest.mark.parametrize("cfg", [STATEFUL, Method(steps=16, lr=2e-3, eps=1e-3, batch_size=8, seed=7, directions=2,
+                                                  perturbation="gaussian", curvature=1e-3, sign=True)],
+                         ids=["one-sided-adam-sparse-q2", "curvature-sign-q2"])
 def test_stateful_runs_replay_and_resume_bit_for_bit(cfg, bundles, sentiment_files, tmp_path):
     bundle = bundles("llama-norms")
-    train(bundle, sentiment_files["train"], tmp_path / "ref", cfg, show_progress=False)
+    train(bundle, sentiment_files["train"], tmp_path / "ref", cfg, QUIET)
     weights = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "ref" / "weights.safetensors").buffer
     assert not np.array_equal(weights, FlatParameters.from_bundle(Bundle(bundle)).buffer)
     assert replay_run(bundle, tmp_path / "ref").buffer.tobytes() == weights.tobytes()
-    # a run with checkpoints, whose newest checkpoint is lost: it resumes from an older one
+    # a run with checkpoints, whose newest checkpoint is lost: it resumes from an older one and cuts both
+    # logs back to it (with q = 2 directions log.bin was once cut to the length of a one-direction log)
     run = tmp_path / "run"
-    train(bundle, sentiment_files["train"], run, replace(cfg, checkpoint_every=cfg.steps // 4, keep_checkpoints=4),
-          show_progress=False)
+    train(bundle, sentiment_files["train"], run, cfg, replace(QUIET, checkpoint_every=cfg.steps // 4,
+                                                              keep_checkpoints=4))
     newest = sorted((run / "checkpoints").glob("step-*"))
     assert (newest[-2] / "momentum.npy").is_file() or cfg.momentum == 0
     shutil.rmtree(newest[-1])
-    train(bundle, sentiment_files["train"], run, replace(cfg, checkpoint_every=cfg.steps // 4, keep_checkpoints=4),
-          show_progress=False, resume=True)
+    resume(run, {"threads": 2})  # the policy may change on resume
     resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
     assert resumed.tobytes() == weights.tobytes()
+    assert (run / "log.bin").read_bytes() == (tmp_path / "ref" / "log.bin").read_bytes()
+    assert replay_run(bundle, run / "log.bin").buffer.tobytes() == weights.tobytes()
 
 
 def test_options_that_cannot_compose_are_refused():
     for bad in (dict(curvature=1e-3), dict(curvature=1e-3, perturbation="gaussian", estimator="one-sided"),
                 dict(momentum=0.9, weight_decay=0.1), dict(eps_end=1.0), dict(directions=0), dict(sparsity=1.0)):
         with pytest.raises(ValueError):
-            TrainConfig(steps=1, **bad)
+            Method(steps=1, **bad)
 
 
 def test_slotted_trainer_takes_update_rules(bundles, sentiment_files):
@@ -234,11 +277,15 @@ def test_slotted_trainer_takes_update_rules(bundles, sentiment_files):
     bundle = Bundle(bundles("llama-lora-slots"))
     batch = TextEncoder(bundle).dataset(sentiment_files["train"]).batch(range(8))
     session = TrainingSession(bundle, SessionConfig(threads=1))
-    trainer = make_trainer(session, TrainConfig(steps=2, lr=1e-2, threads=1, momentum=0.9, adaptive=True))
+    trainer = make_trainer(session, Method(steps=2, lr=1e-2, momentum=0.9, adaptive=True))
     trainer.step(0, batch)
     assert trainer.state.t == 1 and np.any(trainer.state.momentum != 0)
-    with pytest.raises(ValueError, match="slots"):
-        make_trainer(session, TrainConfig(steps=1, estimator="one-sided"))
+    with pytest.raises(ValueError, match="6 points, more than the bundle's 4 perturbation slots"):
+        make_trainer(session, Method(steps=1, directions=3))
+    one_sided = make_trainer(session, Method(steps=1, lr=1e-2, estimator="one-sided"))  # L(theta) + 3 directions
+    record = one_sided.step(0, batch)
+    assert len(record.directions) == 3 and record.loss_theta is not None
+    assert all(d.loss_minus is None for d in record.directions)
 
 
 def test_default_recipe_is_the_best_measured_row():
@@ -246,8 +293,6 @@ def test_default_recipe_is_the_best_measured_row():
     import importlib.util
     import sys
     from pathlib import Path
-
-    from pocketzo.zo_trainer.config import DEFAULT_RECIPE, RECIPES
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
     spec = importlib.util.spec_from_file_location("accuracy_benchmark", path)
@@ -258,5 +303,5 @@ def test_default_recipe_is_the_best_measured_row():
     finally:
         del sys.modules[spec.name]
     measured = bench.config_fields(bench.TASKS["smollm2"], bench.BEST)
-    assert TrainConfig(steps=1, **RECIPES[DEFAULT_RECIPE]) == TrainConfig(steps=1, **measured)
-    assert TrainConfig(steps=1, **RECIPES["zo-sgd"]) != TrainConfig(steps=1, **measured)  # the check can fail
+    assert Method(steps=1, **RECIPES[DEFAULT_RECIPE]) == Method(steps=1, **measured)
+    assert Method(steps=1, **RECIPES["zo-sgd"]) != Method(steps=1, **measured)  # the check can fail

@@ -12,7 +12,7 @@ from pocketzo.export import ExportConfig, export_bundle, heads
 from pocketzo.export.assets import prepare_assets
 from pocketzo.runtime import Bundle, FlatParameters, TrainingSession
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import TrainConfig, train
+from pocketzo.zo_trainer import Method, RunPolicy, train
 
 pytestmark = pytest.mark.assets
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -55,12 +55,12 @@ def test_real_batch_matches_pytorch(bundle, assets):
 def test_short_training_run(bundle, assets, tmp_path):
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(assets.dev.read_text().splitlines(keepends=True)[:32]))
-    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-4, eps=1e-3)
-    summary = train(bundle.path, assets.train, tmp_path / "run", cfg, eval_path=dev, show_progress=False)
+    cfg = Method(steps=3, batch_size=4, lr=1e-4, eps=1e-3)
+    summary = train(bundle.path, assets.train, tmp_path / "run", cfg, RunPolicy(progress=False), eval_path=dev)
     assert summary["initial_eval"]["n"] == 32 and 0.5 < summary["zero_shot_accuracy"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all(np.isfinite([r["loss_plus"], r["loss_minus"], r["grad"]]).all()
-                                     for r in records)
+    assert len(records) == 3 and all(np.isfinite([d[k] for d in r["directions"] for k in
+                                                  ("loss_plus", "loss_minus", "grad")]).all() for r in records)
     before = FlatParameters.from_bundle(bundle)
     after = FlatParameters.from_bundle(bundle, tmp_path / "run" / "weights.safetensors")
     assert all(name.endswith("norm.weight") for name in after.views)

@@ -40,9 +40,10 @@ from pocketzo.mobile_harness.memory import (
     rss_mb,
 )
 from pocketzo.runtime.bundle import Bundle
+from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES
 from pocketzo.zo_trainer.noise import Distribution
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2  # 2: the step of a recipe (was always plain ZO-SGD)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class BenchConfig:
     threads: int = 0  # 0: one per core (or the profile's big cores)
     steps: int = 5  # timed forward passes and ZO steps, each (median and p90 reported)
     warmup: int = 2
+    recipe: str = DEFAULT_RECIPE  # the training method whose step is timed (pocketzo train --recipe)
     perturbation: Distribution = "rademacher"
     cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
     memory_budget: str | None = None  # e.g. 4G: run under this address-space limit
@@ -65,6 +67,8 @@ class BenchConfig:
             raise ValueError("batch_size, seq_len and steps must be >= 1; warmup and threads >= 0")
         if self.perturbation not in ("rademacher", "gaussian"):
             raise ValueError("perturbation must be rademacher or gaussian")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(sorted(RECIPES))}")
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
 
@@ -117,7 +121,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
 
     from pocketzo.runtime.data import Batch
     from pocketzo.runtime.session import SessionConfig, TrainingSession
-    from pocketzo.zo_trainer.config import TrainConfig
+    from pocketzo.zo_trainer.method import Method
     from pocketzo.zo_trainer.trainer import make_trainer
 
     sampler = RssSampler()
@@ -144,10 +148,11 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: session.run(ids, mask, labels), cfg.steps, cfg.warmup)))
         sampler.mark("zo steps")
-        trainer = make_trainer(session, TrainConfig(steps=cfg.steps + cfg.warmup, lr=0.0,
-                                                    perturbation=cfg.perturbation, threads=cfg.threads))
+        method = Method(**{"steps": cfg.steps + cfg.warmup, **RECIPES[cfg.recipe], "lr": 0.0,
+                           "perturbation": cfg.perturbation})
+        trainer = make_trainer(session, method, cfg.threads)
         batch = Batch(ids, mask, labels)
-        records = [trainer.step(i, batch)[0] for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
+        records = [trainer.step(i, batch) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
         trainer.close()
         out.update(_stats("step", [r.seconds for r in records]))
         out["step_forward_s"] = statistics.median(r.forward_seconds for r in records)
@@ -218,7 +223,7 @@ def run_bench(bundle_path: str | Path, config: BenchConfig, log=print) -> dict:
     with workdir as tmp:
         baked = bake(bundle, tmp)
         log(f"bench: {bundle.path} batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.threads} threads, "
-            f"{cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, "
+            f"recipe {cfg.recipe}, {cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, "
             f"{cfg.warmup} warm-up + {cfg.steps} timed"
             + (f", memory budget {cfg.memory_budget}" if limit else ""))
         runs = {mode: _spawn(mode, bundle, cfg, baked if mode == "baked" else None, limit)

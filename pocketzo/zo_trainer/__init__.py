@@ -1,22 +1,34 @@
-"""Device side: zeroth-order (MeZO / SPSA) training over a bundle's flat weight buffer."""
+"""Device side: zeroth-order (MeZO / SPSA) training over a bundle's flat weight buffer.
 
-from pocketzo.zo_trainer.config import TrainConfig
+A step is plan -> evaluate -> update: ``estimators`` plan the points, ``evaluators`` (sequential or
+slotted backends) return their losses, ``updates`` turn the estimate into one fused pass over the
+weights; ``trainer`` runs the step, ``replay`` reruns it from the log, ``run`` is the training loop.
+"""
+
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
+from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES, Method, RunPolicy
 from pocketzo.zo_trainer.noise import Perturber
-from pocketzo.zo_trainer.run import BatchSampler, read_log, replay_run, train
-from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, replay, step_seed
+from pocketzo.zo_trainer.replay import replay, replay_run
+from pocketzo.zo_trainer.run import BatchSampler, resume, train
+from pocketzo.zo_trainer.steplog import read_log
+from pocketzo.zo_trainer.trainer import DirectionRecord, StepRecord, Trainer, make_trainer
 
 __all__ = [
+    "DEFAULT_RECIPE",
+    "RECIPES",
     "BatchSampler",
+    "DirectionRecord",
     "EvalResult",
+    "Method",
     "Perturber",
+    "RunPolicy",
     "StepRecord",
-    "TrainConfig",
+    "Trainer",
     "evaluate",
     "make_trainer",
     "read_log",
     "replay",
     "replay_run",
-    "step_seed",
+    "resume",
     "train",
 ]

@@ -1,22 +1,18 @@
-"""What lets a run survive being killed: checkpoints and the compact binary step log.
+"""What lets a run survive being killed: checkpoints, and cutting the logs back to one.
 
     RUN/checkpoints/step-00000100/weights.safetensors   the trainable buffer after step 100
     RUN/checkpoints/step-00000100/state.json            CheckpointState (with the files' sha256)
     RUN/checkpoints/step-00000100/<name>.npy            optimizer arrays (momentum, sigma), if any
-    RUN/log.bin                                          one 56-byte record per step and direction
 
 A checkpoint directory is written under a temporary name, fsynced and renamed, so it appears
 whole or not at all; on resume a checkpoint whose state or weights do not verify is skipped
-for the next older one. ``log.bin`` holds what replay needs (seed, g, lr, eps, both losses,
-status, and L(theta) when measured): 10,000 steps take 560 KB, next to the human-readable log.jsonl.
+for the next older one. The checkpoint records the length of both step logs at its step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,44 +22,11 @@ import numpy as np
 from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import PocketzoError
 from pocketzo.runtime.session import FlatParameters
-from pocketzo.zo_trainer.optim import State
-from pocketzo.zo_trainer.trainer import StepRecord
+from pocketzo.zo_trainer.steplog import LOG, LOG_BIN
+from pocketzo.zo_trainer.updates import State
 
-CHECKPOINTS, LOG_BIN, STATE, WEIGHTS = "checkpoints", "log.bin", "state.json", "weights.safetensors"
-STATE_VERSION = 2  # 2: optimizer state
-# step, seed, grad, lr, eps, loss+, loss-, undone, direction, loss0; 56 bytes (the last two were padding)
-_RECORD = struct.Struct("<qQdddffBHf1x")
-RECORD_BYTES = _RECORD.size
-
-
-def pack_record(r: StepRecord) -> bytes:
-    return _RECORD.pack(r.step, r.seed, r.grad, r.lr, r.eps, r.loss_plus, r.loss_minus, r.status == "undone",
-                        r.direction, r.loss_zero)
-
-
-def check_order(records: list[StepRecord], where: str) -> None:
-    """Records must run step 0, 1, ... with directions 0, 1, ... within each step."""
-    prev = None
-    for i, r in enumerate(records):
-        allowed = [(0, 0)] if prev is None else [(prev.step, prev.direction + 1), (prev.step + 1, 0)]
-        if (r.step, r.direction) not in allowed:
-            raise PocketzoError(f"{where}: record {i} is step {r.step} direction {r.direction}; the log is "
-                                "incomplete, corrupt or out of order")
-        prev = r
-
-
-def read_bin_log(path: str | Path) -> list[StepRecord]:
-    """The step records of a log.bin, checked to be whole and consecutive from step 0."""
-    path = Path(path)
-    data = path.read_bytes()
-    if len(data) % RECORD_BYTES:
-        raise PocketzoError(f"{path}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte step records; "
-                            "the log is truncated or not a pocketzo log.bin")
-    records = [StepRecord(step, seed, grad, lr, eps, lp, lm, 0.0, 0.0, "undone" if undone else "ok", direction,
-                          l0 if l0 else math.nan)  # 0.0: a log written before L(theta) was recorded
-               for step, seed, grad, lr, eps, lp, lm, undone, direction, l0 in _RECORD.iter_unpack(data)]
-    check_order(records, str(path))
-    return records
+CHECKPOINTS, STATE, WEIGHTS = "checkpoints", "state.json", "weights.safetensors"
+STATE_VERSION = 3  # 3: the length of log.bin; 2: optimizer state
 
 
 @dataclass(frozen=True)
@@ -74,6 +37,7 @@ class CheckpointState:
     lr_scale: float  # divergence back-off so far
     failures: int  # consecutive undone steps so far
     log_bytes: int  # log.jsonl length at this step (longer logs are cut back on resume)
+    log_bin_bytes: int  # log.bin length at this step
     weights_sha256: str
     evals: list[dict] = field(default_factory=list)
     optimizer: dict = field(default_factory=dict)  # scalars, and the sha256 of each array file
@@ -138,9 +102,8 @@ def load_optimizer(run: Path, state: CheckpointState, optimizer: State) -> None:
         raise PocketzoError(f"{ckpt}: cannot load the optimizer state ({e}); start the run again") from None
 
 
-def truncate_logs(run: Path, jsonl: str, state: CheckpointState, records_per_step: int = 1) -> None:
+def truncate_logs(run: Path, state: CheckpointState) -> None:
     """Cut log.jsonl and log.bin back to the checkpoint's step: later steps will run again."""
-    with open(run / jsonl, "r+b") as f:
-        f.truncate(state.log_bytes)
-    with open(run / LOG_BIN, "r+b") as f:
-        f.truncate(state.step * records_per_step * RECORD_BYTES)
+    for name, size in ((LOG, state.log_bytes), (LOG_BIN, state.log_bin_bytes)):
+        with open(run / name, "r+b") as f:
+            f.truncate(size)

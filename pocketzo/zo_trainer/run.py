@@ -1,58 +1,47 @@
-"""A training run: data, sampler, the step loop with evaluations, and the run directory.
+"""A training run: data, sampler, the step loop with evaluations and checkpoints (files: ``rundir``).
 
-    RUN/config.json          TrainConfig + session settings + what was trained on (with its sha256)
-    RUN/log.jsonl            one StepRecord per line, flushed as the run goes
-    RUN/log.bin              the same records, 56 bytes each (``checkpoint``)
-    RUN/checkpoints/         the newest checkpoints (every --checkpoint-every steps, and on SIGINT/SIGTERM)
-    RUN/weights.safetensors  final trainable tensors under their Hugging Face names (never NaN)
-    RUN/summary.json         evaluations, timings, memory; "status": completed, failed or interrupted
-
-Initial weights + config.json + the log rebuild the final weights bit for bit (``replay_run``),
-and a run resumed from a checkpoint ends bit-identical to one never interrupted: the sampler is
+Initial weights + config.json + the log rebuild the final weights bit for bit (``replay``), and a
+run resumed from a checkpoint ends bit-identical to one never interrupted: the sampler is
 stateless, the noise is regenerated from seeds, and the checkpoint holds the rest.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import signal
 import statistics
 import sys
 import time
-from collections import deque
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pocketzo._io import sha256_file, write_json
+from pocketzo._io import write_json
 from pocketzo._progress import Progress
-from pocketzo.errors import PocketzoError, RunInterrupted, TrainingError
+from pocketzo.errors import DataError, PocketzoError, RunInterrupted, TrainingError
 from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
 from pocketzo.zo_trainer.checkpoint import (
-    LOG_BIN,
     CheckpointState,
-    check_order,
     latest_checkpoint,
     load_optimizer,
-    pack_record,
-    read_bin_log,
     save_checkpoint,
     truncate_logs,
 )
-from pocketzo.zo_trainer.config import CONFIG_VERSION, TrainConfig
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
+from pocketzo.zo_trainer.method import Method, RunPolicy
+from pocketzo.zo_trainer.monitor import RunMonitor
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
-from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, replay
-
-LOG, WEIGHTS, SUMMARY, CONFIG = "log.jsonl", "weights.safetensors", "summary.json", "config.json"
+from pocketzo.zo_trainer.rundir import SUMMARY, WEIGHTS, RunConfig, check_same_run, prepare_dir
+from pocketzo.zo_trainer.steplog import LOG, LOG_BIN, pack_record, read_log, start_logs
+from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, resolve_directions
+from pocketzo.zo_trainer.updates import state_bytes
 
 
 class BatchSampler:
@@ -76,7 +65,7 @@ class BatchSampler:
 
 
 def load_data(encoder: TextEncoder, path: str | Path) -> Dataset:
-    """Tokenize a JSONL file; says on stderr how many rows were cut to the bundle's max_length."""
+    """Tokenize a data file; says on stderr how many rows were cut to the bundle's max_length."""
     data = encoder.dataset(path)
     if data.n_truncated:
         print(f"note: {data.n_truncated} of {len(data)} rows of {path} were cut to max_length "
@@ -84,86 +73,64 @@ def load_data(encoder: TextEncoder, path: str | Path) -> Dataset:
     return data
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PocketzoError(f"{out}: exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PocketzoError(f"{out}: run directory is not empty; choose another --out or pass --overwrite")
-        if not (out / CONFIG).is_file():
-            raise PocketzoError(f"{out}: not a pocketzo run directory (no {CONFIG}); refusing to overwrite it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_memory(session: TrainingSession, data: Dataset, method: Method, policy: RunPolicy) -> dict:
+    """Estimate the run's peak memory against ``policy.memory_budget``: the RSS after a probe forward on the
+    longest rows of the largest batch the run will send (P x batch rows with P slots), plus what the trainer
+    allocates beyond the session (optimizer state, the slotted theta and work copies, noise scratch)."""
+    limit_mb = parse_bytes(policy.memory_budget) / 1e6
+    slots = session.slots
+    rows = max(slots * method.batch_size, policy.eval_batch_size)
+    longest = np.argsort([-len(ids) for ids in data.ids], kind="stable")[:rows]
+    b = data.batch(np.resize(longest, rows))  # a data set smaller than the batch is sampled with repeats
+    session.run(b.input_ids, b.attention_mask, b.labels)
+    threads = policy.threads or os.cpu_count() or 1
+    theta = session.params.buffer.shape[0] // slots  # the one-slot layout, up to alignment padding
+    perturbers = 1 if slots == 1 else 2
+    trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
+                     + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
+    estimate = peak_rss_mb() + trainer_bytes / 1e6
+    if estimate > limit_mb:
+        raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
+                            f"{b.input_ids.shape[1]} tokens + {trainer_bytes / 1e6:,.0f} MB of optimizer state and "
+                            f"buffers), more than --memory-budget {policy.memory_budget}; lower "
+                            "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
+    return {"estimated_peak_mb": estimate, "trainer_mb": trainer_bytes / 1e6, "budget_mb": limit_mb}
 
 
 class _Loop:
     """The state of one run: session, trainer, data and what has been measured so far."""
 
-    SPIKE_WINDOW = 32
-    STALL_CHECK, STALL_WINDOW = 100, 20  # the stall check's step, and the steps compared at each end
-
-    def __init__(self, session: TrainingSession, config: TrainConfig, train_data: Dataset,
+    def __init__(self, session: TrainingSession, method: Method, policy: RunPolicy, train_data: Dataset,
                  eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
-        self.session, self.config = session, config
+        self.session, self.method, self.policy = session, method, policy
         self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
-        self.trainer = make_trainer(session, config)
-        self.forwards_per_step = config.forwards_per_step() if session.slots == 1 else 1
+        self.trainer = make_trainer(session, method, policy.threads)
         if start:
             load_optimizer(run_dir, start, self.trainer.state)
-        self.sampler = BatchSampler(len(train_data), config.batch_size, config.seed)
+        self.sampler = BatchSampler(len(train_data), method.batch_size, method.seed)
         self.evals: list[dict] = list(start.evals) if start else []
         self.step_seconds: list[float] = []
-        self.forward_seconds: list[float] = []  # per forward pass
+        self.forward_seconds: list[float] = []  # per forward pass (per session run with slots)
         self.steps_done = start.step if start else 0
         self.lr_scale = start.lr_scale if start else 1.0
         self.failures = start.failures if start else 0
         self.undone = 0
-        self.recent: deque[float] = deque(maxlen=self.SPIKE_WINDOW)  # mean losses of the last good steps
-        self.first: list[float] = []  # mean losses of the first good steps (the stall check)
+        self.monitor = RunMonitor(self.trainer.method, policy.spike_factor)
         self.warnings: list[str] = []
         if start:
-            for r in read_log(run_dir / LOG):
-                if r.step < start.step:
-                    self._remember(r)
+            for r in read_log(run_dir / LOG)[: start.step]:
+                self.monitor.remember(r)
         self._signal: int | None = None
 
-    def _remember(self, r: StepRecord) -> None:
-        if r.status == "ok" and r.direction == 0:
-            self.recent.append((r.loss_plus + r.loss_minus) / 2)
-            if len(self.first) < self.STALL_WINDOW:
-                self.first.append(self.recent[-1])
-
-    def check_stall(self, step: int) -> None:
-        """Once, after STALL_CHECK steps: warn if the training loss has not moved, and say what to change."""
-        if (step != min(self.STALL_CHECK, self.config.steps // 2) or step < 2 * self.STALL_WINDOW
-                or len(self.first) < self.STALL_WINDOW or len(self.recent) < self.STALL_WINDOW):
-            return
-        first, last = self.first, list(self.recent)[-self.STALL_WINDOW:]
-        drop = statistics.fmean(first) - statistics.fmean(last)
-        noise = math.sqrt((statistics.variance(first) + statistics.variance(last)) / self.STALL_WINDOW)
-        if drop > 2 * noise:  # a drop beyond two standard errors of batch-to-batch noise: it moves
-            return
-        cfg = self.config
-        hint = (f"raise --lr (now {cfg.lr:g}; try {10 * cfg.lr:g})" if not (cfg.adaptive or cfg.sign) else
-                f"raise --lr (now {cfg.lr:g}: with --adaptive/--sign it is the step per weight)")
-        msg = (f"after {step} steps the training loss has not moved (mean {statistics.fmean(first):.4g} over the "
-               f"first {self.STALL_WINDOW} steps, {statistics.fmean(last):.4g} over the last {self.STALL_WINDOW}, "
-               f"batch noise +-{noise:.2g}): {hint}, "
-               f"or check that the bundle trains the tensors you meant (pocketzo export --trainable/--peft); "
-               "docs/accuracy.md lists what worked on a real task")
-        self.warnings.append(msg)
-        print(f"\nwarning: {msg}", file=sys.stderr)
-
-    def loss_limit(self) -> float:
-        if not self.config.spike_factor or len(self.recent) < 8:
-            return math.inf
-        return self.config.spike_factor * statistics.median(self.recent)
+    @property
+    def forwards_per_step(self) -> int:
+        return 1 if self.session.slots > 1 else self.trainer.method.forwards_per_step()
 
     def evaluate(self, step: int, bar: Progress | None = None) -> EvalResult | None:
         if self.eval_data is None:
             return None
         self.trainer.sync()
-        result = evaluate(self.session, self.eval_data, self.config.eval_batch_size)
+        result = evaluate(self.session, self.eval_data, self.policy.eval_batch_size)
         self.evals.append({"step": step, **result.to_json()})
         if bar is not None:
             bar.set(**({"acc": result.accuracy} if result.accuracy is not None else {"ppl": result.perplexity}))
@@ -176,235 +143,181 @@ class _Loop:
         self.trainer.sync()
         if not np.isfinite(self.session.params.buffer).all():  # cannot happen: undone steps restore theta
             raise TrainingError(f"step {self.steps_done}: the weights are not finite; not saving a checkpoint")
-        state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), "", self.evals)
-        save_checkpoint(self.run_dir, self.session.params, state, self.config.keep_checkpoints, self.trainer.state)
+        state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), log_bin.tell(), "",
+                                self.evals)
+        save_checkpoint(self.run_dir, self.session.params, state, self.policy.keep_checkpoints, self.trainer.state)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signum
 
-    def run(self, show_progress: bool) -> None:
-        cfg = self.config
+    def run(self) -> None:
+        m, policy = self.method, self.policy
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with open(self.run_dir / LOG, "a", encoding="utf-8") as log, \
                     open(self.run_dir / LOG_BIN, "ab") as log_bin, \
-                    Progress(cfg.steps, "train", enabled=show_progress) as bar:
+                    Progress(m.steps, "train", enabled=policy.progress) as bar:
                 bar.update(self.steps_done)
-                for step in range(self.steps_done, cfg.steps):
+                for step in range(self.steps_done, m.steps):
                     batch = self.train_data.batch(self.sampler.indices(step))
-                    records = self.trainer.step(step, batch, cfg.lr_at(step) * self.lr_scale, self.loss_limit())
-                    for r in records:
-                        log.write(json.dumps(r.to_json()) + "\n")
-                        log_bin.write(pack_record(r))
+                    record = self.trainer.step(step, batch, m.lr_at(step) * self.lr_scale, self.monitor.loss_limit())
+                    log.write(json.dumps(record.to_json()) + "\n")
+                    log_bin.write(pack_record(record))
                     log.flush()
                     log_bin.flush()
-                    record = records[0]
                     self.steps_done = step + 1
                     self.step_seconds.append(record.seconds)
                     self.forward_seconds.append(record.forward_seconds / self.forwards_per_step)
                     self._after(record)
-                    self.check_stall(self.steps_done)
-                    bar.update(1, loss=(record.loss_plus + record.loss_minus) / 2, g=record.grad)
-                    if cfg.eval_every and self.steps_done % cfg.eval_every == 0 and self.steps_done < cfg.steps:
+                    bar.update(1, loss=record.loss, g=record.grad_rms)
+                    if policy.eval_every and self.steps_done % policy.eval_every == 0 and self.steps_done < m.steps:
                         self.evaluate(self.steps_done, bar)
-                    if cfg.checkpoint_every and self.steps_done % cfg.checkpoint_every == 0:
+                    warning = self.monitor.stall_warning(self.steps_done, self.evals)
+                    if warning:
+                        self.warnings.append(warning)
+                        print(f"\nwarning: {warning}", file=sys.stderr)
+                    if policy.checkpoint_every and self.steps_done % policy.checkpoint_every == 0:
                         self.checkpoint(log, log_bin)
                     if self._signal is not None:
                         self.checkpoint(log, log_bin)
                         name = signal.Signals(self._signal).name
                         raise RunInterrupted(f"stopped by {name} after step {self.steps_done}; a checkpoint was "
-                                             f"saved: run the same command with --resume {self.run_dir}")
+                                             f"saved: continue it with `pocketzo train --resume {self.run_dir}`")
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
 
     def _after(self, record: StepRecord) -> None:
         """Divergence handling: back off the learning rate after an undone step; stop after too many."""
-        cfg = self.config
+        policy = self.policy
         if record.status == "ok":
             self.failures = 0
-            self._remember(record)
+            self.monitor.remember(record)
             return
         self.failures += 1
         self.undone += 1
-        self.lr_scale *= cfg.lr_backoff
-        print(f"\nnote: step {record.step} undone (L+={record.loss_plus:.4g}, L-={record.loss_minus:.4g}, limit "
-              f"{self.loss_limit():.4g}); lr x{cfg.lr_backoff:g} -> scale {self.lr_scale:.3g}", file=sys.stderr)
-        if self.failures >= cfg.max_failures:
+        self.lr_scale *= policy.lr_backoff
+        print(f"\nnote: step {record.step} undone (mean loss {record.loss:.4g}, limit "
+              f"{self.monitor.loss_limit():.4g}); lr x{policy.lr_backoff:g} -> scale {self.lr_scale:.3g}",
+              file=sys.stderr)
+        if self.failures >= policy.max_failures:
             raise TrainingError(f"step {record.step}: {self.failures} consecutive steps had a non-finite or exploding "
                                 "loss and were undone; lower --lr or --eps, or check the data")
 
+    def measured(self, t_start: float) -> dict[str, Any]:
+        return {
+            "steps": self.steps_done,
+            "forward_passes": self.forwards_per_step * self.steps_done,
+            "perturbed_losses": self.steps_done * self.trainer.method.forwards_per_step(),
+            "eval_forward_passes": sum(e["forward_passes"] for e in self.evals),
+            "step_seconds_median": statistics.median(self.step_seconds) if self.step_seconds else None,
+            "forward_seconds_median": statistics.median(self.forward_seconds) if self.forward_seconds else None,
+            "wall_seconds": time.perf_counter() - t_start,
+            "peak_rss_mb": peak_rss_mb(),
+            "warnings": self.warnings,
+            "initial_eval": self.evals[0] if self.evals else None,
+            "evals": self.evals,
+        }
 
-def check_memory(session: TrainingSession, data: Dataset, config: TrainConfig, budget: str) -> dict:
-    """Estimate the run's peak memory (weights + a probe forward on the longest rows) against ``budget``."""
-    limit_mb = parse_bytes(budget) / 1e6
-    rows = max(config.batch_size, config.eval_batch_size)
-    longest = np.argsort([-len(ids) for ids in data.ids], kind="stable")[:rows]
-    b = data.batch(longest)
-    session.run(b.input_ids, b.attention_mask, b.labels)
-    threads = config.threads or os.cpu_count() or 1
-    estimate = peak_rss_mb() + threads * CHUNK_ELEMENTS * 4 / 1e6  # + the noise passes' scratch
-    if estimate > limit_mb:
-        raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
-                            f"{b.input_ids.shape[1]} tokens), more than --memory-budget {budget}; lower "
-                            "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
-    return {"estimated_peak_mb": estimate, "budget_mb": limit_mb}
 
+def train(bundle_path: str | Path, train_path: str | Path, out: str | Path, method: Method,
+          policy: RunPolicy | None = None, eval_path: str | Path | None = None,
+          session_config: SessionConfig | None = None, overwrite: bool = False) -> dict:
+    """Fine-tune the bundle's trainable tensors on ``train_path`` into the new run ``out``; returns the summary.
 
-def train(
-    bundle_path: str | Path,
-    train_path: str | Path,
-    out: str | Path,
-    config: TrainConfig,
-    eval_path: str | Path | None = None,
-    session_config: SessionConfig | None = None,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    resume: bool = False,
-    memory_budget: str | None = None,
-) -> dict:
-    """Fine-tune the bundle's trainable tensors on ``train_path``; returns the summary.
-
-    Everything that can be checked (bundle, data, session, memory budget) is checked before
-    the run directory is touched. ``resume`` continues ``out`` from its newest valid checkpoint
-    (same bundle, data and config, or a clear error). A run stopped by a TrainingError keeps
-    its log and gets a summary with ``"status": "failed"`` but no weights; one stopped by
-    SIGINT/SIGTERM saves a checkpoint and gets ``"status": "interrupted"``.
+    Everything that can be checked (bundle, data, session, memory budget) is checked before the run
+    directory is touched. A run stopped by a TrainingError keeps its log and gets a summary with
+    ``"status": "failed"`` but no weights; one stopped by SIGINT/SIGTERM saves a checkpoint and gets
+    ``"status": "interrupted"`` (continue it with ``resume``).
     """
-    out = Path(out)
-    t_start = time.perf_counter()
+    policy = policy or RunPolicy()
     bundle = Bundle(bundle_path)
-    session_config = session_config or SessionConfig()
-    session_config = replace(session_config, threads=session_config.threads or config.threads)
-    encoder = TextEncoder(bundle)
-    train_data = load_data(encoder, train_path)
-    eval_data = load_data(encoder, eval_path) if eval_path else None
-    session = TrainingSession(bundle, session_config, FlatParameters.from_bundle(bundle))
-    memory = check_memory(session, train_data, config, memory_budget) if memory_budget else None
-    run_config = {"train": config.to_json(), "session": asdict(session_config), "bundle": str(bundle.path),
-                  "bundle_trainable_sha256": sha256_file(bundle.trainable_path),
-                  "train_data": str(train_path), "train_data_sha256": sha256_file(train_path),
-                  "eval_data": str(eval_path) if eval_path else None}
-    start = None
-    if resume:
-        start = _resume_state(out, run_config, session)
-    else:
-        _prepare_dir(out, overwrite)
-        write_json(out / CONFIG, run_config)
-        for name in (LOG, LOG_BIN):
-            (out / name).touch()
+    session_config = replace(session_config or SessionConfig(), threads=policy.threads)
+    method = resolve_directions(method, bundle.manifest.slots)
+    for path in (train_path, eval_path):
+        if path and not Path(path).is_file():
+            raise DataError(f"{path}: data file not found; check the path")
+    run_config = RunConfig.new(bundle, train_path, eval_path, method, policy, session_config)
+    return _execute(Path(out), run_config, bundle, start=None, overwrite=overwrite)
 
-    loop = _Loop(session, config, train_data, eval_data, out, start)
-    initial = loop.evaluate(0) if start is None else None
-    if initial and show_progress:
+
+def resume(out: str | Path, policy_changes: dict[str, Any] | None = None, method_given: dict[str, Any] | None = None,
+           bundle_path: str | Path | None = None, train_path: str | Path | None = None) -> dict:
+    """Continue the run ``out`` from its newest valid checkpoint. Bundle, data, method and policy come from
+    its config.json; ``method_given`` fields must equal the run's method; ``policy_changes`` replace fields
+    of its policy (threads, evaluation, checkpoints ...); ``bundle_path``/``train_path`` point at moved
+    files (checked by sha256)."""
+    out = Path(out)
+    saved = RunConfig.load(out)
+    policy = replace(saved.policy, **(policy_changes or {}))
+    bundle = Bundle(bundle_path or saved.bundle)
+    train_path = train_path or saved.train_data
+    given = dict(method_given or {})
+    if given.get("directions") == 1:  # resolved for the bundle's slots, as a new run does
+        given["directions"] = resolve_directions(replace(saved.method, directions=1), bundle.manifest.slots).directions
+    check_same_run(out, saved, bundle, train_path, given)
+    run_config = replace(saved, bundle=str(bundle.path), train_data=str(train_path), policy=policy,
+                         session=replace(saved.session, threads=policy.threads))
+    return _execute(out, run_config, bundle, start=True, overwrite=False)
+
+
+def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overwrite: bool) -> dict:
+    t_start = time.perf_counter()
+    method, policy = rc.method, rc.policy
+    encoder = TextEncoder(bundle)
+    train_data = load_data(encoder, rc.train_data)
+    eval_data = load_data(encoder, rc.eval_data) if rc.eval_data else None
+    session = TrainingSession(bundle, rc.session, FlatParameters.from_bundle(bundle))
+    memory = check_memory(session, train_data, method, policy) if policy.memory_budget else None
+    checkpoint = None
+    if start:
+        checkpoint = latest_checkpoint(out, session.params)
+        if checkpoint is None:
+            raise PocketzoError(f"{out}: no valid checkpoint to resume from; start again without --resume "
+                                "(use --checkpoint-every N to save checkpoints)")
+        truncate_logs(out, checkpoint)
+    else:
+        prepare_dir(out, overwrite)
+        start_logs(out)
+    rc.save(out)
+
+    loop = _Loop(session, method, policy, train_data, eval_data, out, checkpoint)
+    initial = loop.evaluate(0) if checkpoint is None else None
+    if initial and policy.progress:
         print("before training: " + json.dumps(initial.to_json()), file=sys.stderr)
-    if start is not None and show_progress:
-        print(f"resuming {out} after step {start.step}", file=sys.stderr)
+    if checkpoint is not None and policy.progress:
+        print(f"resuming {out} after step {checkpoint.step}", file=sys.stderr)
     summary = {
-        "status": "completed",
-        "bundle": str(bundle.path),
-        "weights": str(out / WEIGHTS),
-        "train_data": str(train_path),
-        "dev_data": str(eval_path) if eval_path else None,
-        "task": bundle.task.kind,
-        "trainable_parameters": session.params.numel,
+        "status": "completed", "bundle": str(bundle.path), "weights": str(out / WEIGHTS),
+        "train_data": rc.train_data, "dev_data": rc.eval_data, "task": bundle.task.kind,
+        "trainable_parameters": loop.trainer.evaluator.theta.numel,
         "truncated_rows": {"train": train_data.n_truncated, "dev": eval_data.n_truncated if eval_data else 0},
-        "config": config.to_json(),
-        "resumed_from_step": start.step if start else None,
-        "memory_check": memory,
+        "method": method.to_json(), "policy": policy.to_json(),
+        "resumed_from_step": checkpoint.step if checkpoint else None, "memory_check": memory,
     }
     try:
-        loop.run(show_progress)
+        loop.run()
         loop.trainer.sync()
         if not np.isfinite(session.params.buffer).all():
             raise TrainingError("the trained weights are not finite; nothing was saved (lower --lr or --eps)")
     except (TrainingError, RunInterrupted) as e:
         status = "interrupted" if isinstance(e, RunInterrupted) else "failed"
-        write_json(out / SUMMARY, {**summary, **_measured(loop, t_start), "status": status, "error": str(e),
+        write_json(out / SUMMARY, {**summary, **loop.measured(t_start), "status": status, "error": str(e),
                                    "weights": None})
         raise
     finally:
         loop.trainer.close()
-    final = loop.evaluate(config.steps)
-    if final and show_progress:
+    if loop.evals and loop.evals[-1]["step"] == loop.steps_done:  # these weights were evaluated (--steps 0)
+        final: EvalResult | None = EvalResult(**{k: v for k, v in loop.evals[-1].items() if k != "step"})
+    else:
+        final = loop.evaluate(loop.steps_done)
+    if final and policy.progress:
         print("after training:  " + json.dumps(final.to_json()), file=sys.stderr)
-    session.params.save(out / WEIGHTS, {"format": "pt", "producer": "pocketzo", "steps": str(config.steps)})
-    summary.update(_measured(loop, t_start))
+    session.params.save(out / WEIGHTS, {"format": "pt", "producer": "pocketzo", "steps": str(method.steps)})
+    summary.update(loop.measured(t_start))
     summary["final_eval"] = final.to_json() if final else None
     if loop.evals and final and loop.evals[0].get("accuracy") is not None:
         summary["zero_shot_accuracy"] = loop.evals[0]["accuracy"]
         summary["final_accuracy"] = final.accuracy
     write_json(out / SUMMARY, summary)
     return summary
-
-
-def _resume_state(out: Path, run_config: dict, session: TrainingSession) -> CheckpointState:
-    """Check that ``out`` is the same run (bundle, data, config) and load its newest valid checkpoint."""
-    try:
-        saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PocketzoError(f"{out}: not a run directory to resume ({e})") from None
-    for key, what in (("train", "training settings"), ("bundle_trainable_sha256", "bundle's initial weights"),
-                      ("train_data_sha256", "training data")):
-        if saved.get(key) != run_config[key]:
-            raise PocketzoError(f"{out}: the {what} differ from those the run started with; resume with the "
-                                "same bundle, data and flags (see its config.json)")
-    state = latest_checkpoint(out, session.params)
-    if state is None:
-        raise PocketzoError(f"{out}: no valid checkpoint to resume from; start again without --resume "
-                            "(use --checkpoint-every N to save checkpoints)")
-    truncate_logs(out, LOG, state, max(1, session.slots // 2))
-    return state
-
-
-def _measured(loop: _Loop, t_start: float) -> dict:
-    return {
-        "steps": loop.steps_done,
-        "forward_passes": loop.forwards_per_step * loop.steps_done,
-        "perturbed_losses": loop.steps_done * max(loop.session.slots, loop.forwards_per_step),
-        "eval_forward_passes": sum(e["forward_passes"] for e in loop.evals),
-        "step_seconds_median": statistics.median(loop.step_seconds) if loop.step_seconds else None,
-        "forward_seconds_median": statistics.median(loop.forward_seconds) if loop.forward_seconds else None,
-        "wall_seconds": time.perf_counter() - t_start,
-        "peak_rss_mb": peak_rss_mb(),
-        "warnings": loop.warnings,
-        "initial_eval": loop.evals[0] if loop.evals else None,
-        "evals": loop.evals,
-    }
-
-
-def read_log(path: str | Path) -> list[StepRecord]:
-    """The step records of a run's log.jsonl (or log.bin), checked to be consecutive from step 0."""
-    if Path(path).suffix == ".bin":
-        return read_bin_log(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                records.append(StepRecord(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
-                raise PocketzoError(f"{path}:{lineno}: not a step record ({e})") from None
-    check_order(records, str(path))
-    return records
-
-
-def replay_run(bundle_path: str | Path, log: str | Path) -> FlatParameters:
-    """Rebuild a run's final weights from the bundle's initial weights and its log (log.jsonl or
-    log.bin, or the run directory), with the config.json next to the log."""
-    log = Path(log)
-    run, log = (log, log / LOG) if log.is_dir() else (log.parent, log)
-    try:
-        config = TrainConfig.from_json(json.loads((run / CONFIG).read_text(encoding="utf-8"))["train"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PocketzoError(f"{run / CONFIG}: cannot read the run's training config ({e})") from None
-    if config.version != CONFIG_VERSION and config.perturbation == "gaussian":
-        raise PocketzoError(f"{run}: trained with config version {config.version}, whose Gaussian noise this "
-                            f"pocketzo (version {CONFIG_VERSION}) does not draw; replay it with the pocketzo that "
-                            "trained it")
-    if config.noise_chunk != CHUNK_ELEMENTS:
-        raise PocketzoError(f"{run}: trained with noise chunks of {config.noise_chunk} elements, this pocketzo "
-                            f"draws {CHUNK_ELEMENTS}; its noise cannot be regenerated here")
-    bundle = Bundle(bundle_path)
-    params = FlatParameters.from_bundle(bundle)
-    replay(params, config, read_log(log), bundle.manifest.slots)
-    return params

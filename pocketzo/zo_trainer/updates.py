@@ -1,19 +1,25 @@
-"""Update rules beyond plain ZO-SGD, and the shape of the perturbation, as one state object.
-
-A step measures q projected gradients g_j along directions u_j = sigma * z_j. The estimate is
+"""Update rules: an ``Estimate`` (seeds and projected gradients g_j) becomes the ops of ONE pass over
+theta, with the optimizer state they need. A step measures g_j along u_j = sigma * z_j; the estimate is
 
     e = (1/q) sum_j g_j sigma z_j
 
-and the update rule turns it into theta -= lr_t * d:
+and the update is theta -= lr_t * d:
 
+    plain              d = e
     momentum beta      m = beta m + (1 - beta) e;  d = m / (1 - beta^t)      (ZO-SGD-MMT, bias-corrected)
     adaptive           lr_t = lr / (sqrt(v / (1 - 0.99^t)) + 1e-8),  v = 0.99 v + 0.01 mean_j g_j^2
     sign               d = sign(d)
     sparsity s         sigma_i = 0 on the fraction s of each tensor's largest-magnitude weights, else 1
                        (as Sparse MeZO, the mask is fixed from the initial weights)
     curvature alpha    h = ((1 - alpha) + alpha mean_j c_j z_j^2) h,  sigma = h^-1/2,  h_0 = 1
-                       with c_j = |L+ + L- - 2 L(theta)| / (2 eps^2) the curvature along u_j (HiZOO-like:
-                       the directions, and so the steps, shrink where the loss is curved)
+                       with c_j the curvature along u_j (HiZOO-like: the directions, and so the steps,
+                       shrink where the loss is curved)
+
+Plain, adaptive, sparse, and sign of one Rademacher direction only *rescale* the step: the update is
+``Term(seed_j, -lr_t g_j / q)`` per direction (sign(g z) = sign(g) z when z = +-1), which the sequential
+evaluator fuses with the restore of the last perturbation. Those updates generate z no more often
+than plain ZO-SGD: 3 times per two-sided step. Momentum, curvature and sign over several directions
+or Gaussian noise need per-weight work: ``PerWeightUpdate``, a chunk op that regenerates each z_j.
 
 Why the adaptive second moment is a scalar: with +-1 noise every element of g z has magnitude |g|,
 so Adam's per-element second moment of a one-direction estimate is the same number for every
@@ -21,12 +27,10 @@ weight. Keeping one scalar is exact there and an approximation otherwise (q > 1,
 
 Memory beyond the weights (n = trainable elements; everything float32):
 
-    plain ZO-SGD (the fused fast path)    0
-    sparsity > 0 or curvature > 0         n  (sigma; a sparse mask alone could be n/32 bits: not done)
-    momentum > 0                          n  (m)
-    adaptive                              2 scalars
-    sign                                  0
-    any non-plain update                  one chunk (1 MiB) per thread, two with curvature
+    plain, adaptive, sign (rescaling)      0
+    sparsity > 0 or curvature > 0          n  (sigma; a sparse mask alone could be n/32 bits: not done)
+    momentum > 0                           n  (m)
+    a per-weight update                    one chunk (1 MiB) per thread, two with curvature
 
 ``State.extra_bytes`` reports it, and the tests hold it to this table.
 """
@@ -40,8 +44,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pocketzo.runtime.session import FlatParameters
-from pocketzo.zo_trainer.config import TrainConfig
-from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Perturber, fill_noise
+from pocketzo.zo_trainer.estimators import Estimate
+from pocketzo.zo_trainer.method import Method
+from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, ChunkOp, Perturber, Term, fill_noise
 
 BETA2, ADAPTIVE_EPS = 0.99, 1e-8
 
@@ -58,6 +63,12 @@ def sparse_sigma(params: FlatParameters, sparsity: float) -> npt.NDArray[np.floa
     return sigma
 
 
+def rescales_only(method: Method) -> bool:
+    """Whether the update is a scalar times the estimate (see the module docstring): no per-weight work."""
+    exact_sign = method.directions == 1 and method.perturbation == "rademacher"
+    return not (method.momentum or method.curvature or (method.sign and not exact_sign))
+
+
 @dataclass
 class State:
     """The optimizer's memory: what a checkpoint saves besides the weights."""
@@ -69,16 +80,15 @@ class State:
     scratch: list[npt.NDArray[np.float32]] = field(default_factory=list, repr=False)
 
     @classmethod
-    def initial(cls, params: FlatParameters, config: TrainConfig, threads: int) -> State:
+    def initial(cls, params: FlatParameters, method: Method, threads: int) -> State:
         n = params.buffer.shape[0]
         sigma = None
-        if config.sparsity:
-            sigma = sparse_sigma(params, config.sparsity)
-        elif config.curvature:
+        if method.sparsity:
+            sigma = sparse_sigma(params, method.sparsity)
+        elif method.curvature:
             sigma = np.ones(n, np.float32)
-        momentum = np.zeros(n, np.float32) if config.momentum else None
-        per_thread = 0 if config.plain_update else (2 if config.curvature else 1)
-        scratch = [np.empty(CHUNK_ELEMENTS, np.float32) for _ in range(per_thread * threads)]
+        momentum = np.zeros(n, np.float32) if method.momentum else None
+        scratch = [np.empty(CHUNK_ELEMENTS, np.float32) for _ in range(scratch_chunks(method, threads))]
         return cls(sigma, momentum, scratch=scratch)
 
     @property
@@ -100,24 +110,52 @@ class State:
         self.v, self.t = float(scalars["v"]), int(scalars["t"])
 
 
-class Update:
-    """One step's update as a chunk op for ``Perturber.apply`` (fused with the step's last restore
-    and the next step's first perturbation). Creating it advances the scalar state (t, v)."""
+def scratch_chunks(method: Method, threads: int) -> int:
+    return 0 if rescales_only(method) else (2 if method.curvature else 1) * threads
 
-    def __init__(self, config: TrainConfig, state: State, seeds: list[int], grads: list[float], lr: float,
-                 curvatures: list[float] | None = None):
-        self.config, self.state = config, state
-        self.seeds, self.curvatures = seeds, curvatures
-        q = len(seeds)
-        self.coefs = [g / q for g in grads]
-        state.t += 1
+
+def state_bytes(method: Method, elements: int, threads: int) -> int:
+    """What ``State.initial`` will allocate for ``elements`` trainable floats: the memory check's share."""
+    arrays = (1 if (method.sparsity or method.curvature) else 0) + (1 if method.momentum else 0)
+    return 4 * (arrays * elements + scratch_chunks(method, threads) * CHUNK_ELEMENTS)
+
+
+class UpdateRule:
+    """Turns a step's estimate into the ops of one pass over theta; owns the optimizer ``State``."""
+
+    def __init__(self, method: Method, theta: FlatParameters, threads: int):
+        self.method = method
+        self.state = State.initial(theta, method, threads)
+        self.rescales = rescales_only(method)
+
+    def ops(self, estimate: Estimate, lr: float) -> tuple[Term | ChunkOp, ...]:
+        """theta -= lr_t d (see the module docstring), for the unperturbed theta; advances the state."""
+        m, st = self.method, self.state
+        q = len(estimate.seeds)
+        st.t += 1
         scale = 1.0
-        if config.momentum:
-            scale /= 1.0 - config.momentum ** state.t
-        if config.adaptive:
-            state.v = BETA2 * state.v + (1.0 - BETA2) * sum(g * g for g in grads) / q
-            scale /= math.sqrt(state.v / (1.0 - BETA2 ** state.t)) + ADAPTIVE_EPS
-        self.step_size = np.float32(lr * scale)
+        if m.momentum:
+            scale /= 1.0 - m.momentum ** st.t
+        if m.adaptive:
+            st.v = BETA2 * st.v + (1.0 - BETA2) * sum(g * g for g in estimate.grads) / q
+            scale /= math.sqrt(st.v / (1.0 - BETA2 ** st.t)) + ADAPTIVE_EPS
+        if not self.rescales:
+            return (PerWeightUpdate(m, st, estimate, np.float32(lr * scale)),)
+        step = lr * scale / q
+        coefs = [-step * (float(np.sign(g)) if m.sign else g) for g in estimate.grads]
+        d = 1.0 - lr * m.weight_decay  # decoupled decay, on the decay segments, in the last term
+        *first, last = (Term(s, c) for s, c in zip(estimate.seeds, coefs, strict=True))
+        return (*first, Term(last.seed, last.coef, d, None) if d != 1.0 else last)
+
+
+class PerWeightUpdate:
+    """One step's per-weight update as a chunk op for ``Perturber.apply``: regenerates each z_j, forms
+    the estimate chunk by chunk, and updates the momentum and curvature state in the same pass."""
+
+    def __init__(self, method: Method, state: State, estimate: Estimate, step_size: np.float32):
+        self.config, self.state, self.step_size = method, state, step_size
+        self.seeds, self.curvatures = estimate.seeds, estimate.curvatures
+        self.coefs = [g / len(estimate.seeds) for g in estimate.grads]
 
     def apply_chunk(self, p: Perturber, chunk: int, theta: npt.NDArray[np.float32], z: npt.NDArray[np.float32],
                     worker: int) -> None:

@@ -97,6 +97,16 @@ EXPORTS = {
     "bert-bitfit": ("bert", "classify", None, "all", {"peft": "bitfit"}),
     "bert-lora": ("bert", "classify", None, "all",
                   {"peft": "lora", "lora_rank": 4, "lora_targets": ("query", "value")}),  # + the new head
+    # --gradients: the bundle also has gradients.onnx
+    "llama-classify-grad": ("llama", "classify", TEMPLATE, "all", {"gradients": True}),
+    "llama-norms-grad": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"gradients": True}),
+    "llama-causal-grad": ("llama", "causal-lm", None, "all", {"gradients": True}),
+    "bert-classify-grad": ("bert", "classify", None, "all", {"gradients": True}),
+    "bert-bitfit-grad": ("bert", "classify", None, "all", {"peft": "bitfit", "gradients": True}),
+    "llama-lora-grad": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4, "gradients": True}),
+    "opt-lora-causal-grad": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4, "gradients": True}),
+    "llama-prompt-grad": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3,
+                                                                 "gradients": True}),
 }
 
 

@@ -144,6 +144,23 @@ def test_corrupt_files_are_named(bundle_copy, victim, opener, message):
 def test_truncated_weights_are_refused(bundle_copy):
     path = bundle_copy / "trainable.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
-    bundle = Bundle(bundle_copy)
-    with pytest.raises(BundleError, match="truncated or corrupt"):
-        FlatParameters.from_bundle(bundle)
+    with pytest.raises(BundleError, match="truncated or corrupt"):  # at open, from the header
+        FlatParameters.from_bundle(Bundle(bundle_copy))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(buffer_elements=2**33), "not laid out as the format defines"),
+    (lambda m: m["trainable"][-1].update(offset=m["trainable"][-1]["offset"] + 2**30), "overflow the buffer"),
+    (lambda m: m["trainable"][0].update(shape=[2**17, 2**17]), "bad offset"),  # the next tensor now overlaps it
+    (lambda m: (m["trainable"][-1].update(shape=[2**17]),  # a layout that fits, but not the file
+                m.update(buffer_elements=m["trainable"][-1]["offset"] + 2**17)), "manifest says shape"),
+], ids=["huge-buffer", "far-offset", "huge-shape", "shape-not-in-file"])
+def test_a_manifest_cannot_make_the_runtime_allocate_more_than_its_weights(bundle_copy, edit, match):
+    """Found by the fuzz suite: a manifest's sizes are checked against the layout and the weights file's
+    header before any buffer is allocated (an 8 GB buffer used to be allocated and zeroed first)."""
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=match):
+        Bundle(bundle_copy)

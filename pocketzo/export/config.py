@@ -31,6 +31,7 @@ class ExportConfig:
     seed: int = 0  # initialises a new classification head; draws the parity batch
     parity_tolerance: float = 1e-4  # times max(1, |loss|)
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
+    gradients: bool = False  # also write gradients.onnx: the loss and d loss / d each trainable tensor
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -55,9 +56,20 @@ class ExportConfig:
         if self.slots != 1 and (self.slots < 2 or self.slots % 2 or self.peft not in ("lora", "prompt")):
             raise ExportError(f"--slots {self.slots}: perturbation slots need --peft lora or prompt and an even "
                               "number >= 2 (a +eps and a -eps slot per direction)")
+        if self.gradients:
+            self._check_gradients()
         for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):
             if pattern and pattern != "all":
                 try:
                     re.compile(pattern)
                 except re.error as e:
                     raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
+
+    def _check_gradients(self) -> None:
+        """--gradients is exported and checked for plain weights, BitFit, LoRA and prompt tuning, on an fp32 base."""
+        if self.slots != 1:
+            raise ExportError("--gradients with --slots: slots evaluate several perturbed values in one run, "
+                              "a gradient needs one; export without --slots")
+        unsupported = [flag for flag, on in (("--quantize", self.quantize != "none"), ("--ort", self.ort)) if on]
+        if unsupported:
+            raise ExportError(f"--gradients with {' / '.join(unsupported)} is not supported yet")

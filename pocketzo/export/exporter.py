@@ -28,7 +28,7 @@ import torch
 from pocketzo import __version__
 from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import ExportError
-from pocketzo.export import adapters, heads, parity
+from pocketzo.export import adapters, gradients, heads, parity
 from pocketzo.export.config import ExportConfig
 from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import _safetensors
@@ -187,8 +187,10 @@ def _parameters(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n.removeprefix("net."): p for n, p in wrapper.named_parameters()}
 
 
-def _lift_trainable(model: onnx.ModelProto, wrapper: torch.nn.Module, trainable: list[str]) -> list[str]:
-    """Rename initializers to canonical HF names; make the trainable ones graph inputs."""
+def _lift_trainable(model: onnx.ModelProto, wrapper: torch.nn.Module, trainable: list[str],
+                    strip: str = "") -> list[str]:
+    """Rename initializers to canonical HF names (``strip``: a prefix of the traced module's own);
+    make the trainable ones graph inputs."""
     graph = model.graph
     canonical = {}
     first: dict[int, str] = {}
@@ -197,7 +199,7 @@ def _lift_trainable(model: onnx.ModelProto, wrapper: torch.nn.Module, trainable:
         canonical[name] = first.setdefault(id(p), name)
     rename = {}
     for init in graph.initializer:
-        bare = init.name.removeprefix("net.")
+        bare = init.name.removeprefix(strip).removeprefix("net.")
         rename[init.name] = canonical.get(bare, bare)
     for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -258,6 +260,9 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
         frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
         external = frozen_bytes > EXTERNAL_DATA_BYTES
+        if config.gradients and external:
+            raise ExportError(f"--gradients: {frozen_bytes / 2**30:.1f} GiB of frozen weights need external data, "
+                              "which the gradient graph does not support yet")
         if config.ort and frozen_bytes > ORT_FORMAT_MAX_BYTES:
             raise ExportError(f"--ort: the ORT format holds at most 2 GB of weights in one file and this graph "
                               f"has {frozen_bytes / 1e9:.1f} GB; export without --ort (the runtime loads .onnx too)")
@@ -291,9 +296,15 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         checked = parity.check(tmp, reference, sample, config.parity_tolerance)
         manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity": checked}})
         n_specs, n_params = len(specs), sum(s.numel for s in specs)
-        # The torch model and the in-memory graph are no longer needed: free them before quantizing, which
-        # holds the graph about three times over (an OPT-1.3B export was killed for memory otherwise).
-        del onnx_program, proto, wrapper, net, params
+        # Free the in-memory graph now and the torch model once the gradient graph is traced from it: before
+        # quantizing, which holds the graph about three times over (an OPT-1.3B export was killed otherwise).
+        del onnx_program, proto
+        gc.collect()
+        if config.gradients:
+            grad_parity = gradients.export_gradients(tmp, wrapper, sample, lifted, reference.random_values)
+            manifest = Manifest(**{**manifest.__dict__, "gradient_file": gradients.GRADIENT_MODEL,
+                                   "export": {**manifest.export, "gradient_parity": grad_parity}})
+        del wrapper, net, params
         gc.collect()
         if config.quantize != "none":
             _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")

@@ -12,6 +12,8 @@ A bundle is a directory (documented in docs/bundle.md) of ``manifest.json`` (thi
     tokenizer_config     tokenizer_config.json    Hugging Face tokenizer files, for desktop users
     special_tokens_map   special_tokens_map.json
     base_config          hf_config.json           the base model's Hugging Face config (merge)
+    gradient_model       gradients.onnx           gradient graph (``export --gradients``): loss and d loss / d each
+                                                  trainable tensor, same inputs as the loss graph
 
 The device side reads it with numpy + onnxruntime only.
 """
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pocketzo.errors import BundleError
+from pocketzo.runtime import _safetensors
 
 FORMAT = "pocketzo-bundle"
-# 3 added files; 2 added slots, adapter and base_config_file. Versions 1 and 2 are still read.
+# 3 added files and gradient_file; 2 added slots, adapter and base_config_file. Versions 1 and 2 are still read.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
@@ -36,6 +39,7 @@ FILE_NAMES = {
     "required_operators": "required_operators.config", "trainable": "trainable.safetensors",
     "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
     "special_tokens_map": "special_tokens_map.json", "base_config": "hf_config.json",
+    "gradient_model": "gradients.onnx",
 }
 ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
 
@@ -117,6 +121,8 @@ class Manifest:
     # this many equal groups, group k computed with slot k; outputs get a leading slot axis.
     slots: int = 1
     adapter: dict[str, Any] | None = None  # method ("lora", "prompt", "bitfit") and its settings
+    # The gradient graph (``export --gradients``): outputs ``loss`` and ``grad/<name>`` per trainable tensor.
+    gradient_file: str | None = None
     # Every file of the bundle but manifest.json, by role (FILE_NAMES): what a client that fetches a bundle
     # file by file (a web page) downloads, and the name it passes ONNX Runtime for model_data.
     files: dict[str, str] = field(default_factory=dict)
@@ -162,6 +168,7 @@ class Manifest:
                 base_config_file=None if obj.get("base_config_file") is None else _str(obj["base_config_file"]),
                 slots=_count(obj.get("slots", 1)),
                 adapter=None if obj.get("adapter") is None else dict(obj["adapter"]),
+                gradient_file=None if obj.get("gradient_file") is None else _str(obj["gradient_file"]),
                 files={_str(k): _str(v) for k, v in obj["files"].items()} if version >= 3 else _implied_files(obj),
                 format_version=version,
             )
@@ -171,7 +178,7 @@ class Manifest:
     def validate_files(self, where: str = MANIFEST) -> None:
         """``files`` must name the files the other fields name."""
         named = (self.model_file, self.trainable_file, self.tokenizer_file, self.ort_model_file,
-                 self.base_config_file)
+                 self.base_config_file, self.gradient_file)
         for name in named:
             if name is not None and name not in self.files.values():
                 raise BundleError(f"{where}: {name!r} is not in the manifest's files {sorted(self.files.values())}")
@@ -192,6 +199,10 @@ class Manifest:
             end = t.offset + t.numel
         if end > self.buffer_elements:
             raise BundleError(f"{where}: trainable tensors overflow the buffer ({end} > {self.buffer_elements})")
+        specs, n = layout([(t.name, t.shape, t.decay) for t in self.trainable])
+        if n != self.buffer_elements or [t.offset for t in specs] != [t.offset for t in self.trainable]:
+            raise BundleError(f"{where}: the trainable tensors are not laid out as the format defines (each on the "
+                              f"next 64-byte boundary, buffer_elements {n}); re-export the bundle")
 
 
 def _implied_files(obj: dict[str, Any]) -> dict[str, str]:
@@ -254,10 +265,22 @@ class Bundle:
         m = self.manifest
         m.validate_layout(str(manifest_path))
         for name in (m.model_file, m.trainable_file, m.tokenizer_file, m.ort_model_file, m.base_config_file,
-                     *m.files.values()):
+                     m.gradient_file, *m.files.values()):
             if name is not None:
                 self._member(name)
         m.validate_files(str(manifest_path))
+        self._check_trainable_file()
+
+    def _check_trainable_file(self) -> None:
+        """The manifest's tensors must be those of trainable.safetensors (read from its header, before anything
+        allocates a buffer of the manifest's size)."""
+        header, _, _ = _safetensors.read_header(self.trainable_path)
+        for t in self.manifest.trainable:
+            got = header.get(t.name)
+            if got is None or [int(d) for d in got["shape"]] != list(t.shape):
+                have = "missing" if got is None else f"shape {got['shape']}"
+                raise BundleError(f"{self.trainable_path}: tensor {t.name!r} is {have}, the manifest says shape "
+                                  f"{list(t.shape)}; re-export the bundle")
 
     def _member(self, name: str) -> Path:
         return member_file(self.path, name, "the bundle")
@@ -270,6 +293,12 @@ class Bundle:
     def ort_path(self) -> Path | None:
         """The ORT-format model, if the bundle has one."""
         name = self.manifest.ort_model_file
+        return self._member(name) if name is not None else None
+
+    @property
+    def gradient_path(self) -> Path | None:
+        """The gradient graph (``export --gradients``), if the bundle has one."""
+        name = self.manifest.gradient_file
         return self._member(name) if name is not None else None
 
     @property

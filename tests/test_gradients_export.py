@@ -1,0 +1,217 @@
+"""export --gradients: the gradient graph's parity with autograd per bundle kind, its operators, inputs
+and outputs, other batch shapes, and the refusals (a broken gradient, unsupported combinations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import EXPORTS, LABELS, TEMPLATE
+
+from pocketzo.errors import BundleError, ExportError
+from pocketzo.export import ExportConfig, export_bundle, gradients
+from pocketzo.export.gradient_parity import TOLERANCE, check_gradients
+from pocketzo.runtime import Bundle
+from pocketzo.runtime.bundle import Manifest
+
+KINDS = ["llama-classify-grad", "llama-norms-grad", "llama-causal-grad", "bert-classify-grad", "bert-bitfit-grad",
+         "llama-lora-grad", "opt-lora-causal-grad", "llama-prompt-grad"]
+ADAPTERS = {"llama-lora-grad", "opt-lora-causal-grad", "llama-prompt-grad"}  # also checked at random values
+
+
+def _graphs(path):
+    return onnx.load(path / "model.onnx"), onnx.load(path / "gradients.onnx")
+
+
+def _signature(values):
+    return [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+            for v in values]
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_gradients_match_autograd(name, bundles):
+    """The export checked ORT's loss and gradients against autograd and recorded it; the bundle names the file."""
+    bundle = Bundle(bundles(name))
+    m = bundle.manifest
+    assert m.gradient_file == "gradients.onnx" and m.files["gradient_model"] == "gradients.onnx"
+    assert m.format_version == 3
+    record = m.export["gradient_parity"]
+    assert record["tolerance"] == TOLERANCE == 1e-5
+    assert record["max_error"] <= TOLERANCE
+    assert abs(record["loss_onnx"] - record["loss_torch"]) <= TOLERANCE * max(1.0, abs(record["loss_torch"]))
+    assert abs(record["loss_onnx"] - m.export["parity"]["loss_onnx"]) <= 1e-6  # the loss graph's loss
+    if name in ADAPTERS:
+        assert record["random_adapters"]["max_error"] <= TOLERANCE
+    else:
+        assert record["random_adapters"] is None
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_gradient_graph_uses_default_domain_operators_only(name, bundles):
+    _, grad = _graphs(bundles(name))
+    assert {n.domain for n in grad.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in grad.opset_import} <= {"", "ai.onnx"}
+    assert not grad.functions
+    ort.InferenceSession(str(bundles(name) / "gradients.onnx"), providers=["CPUExecutionProvider"])  # the pip wheel
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_gradient_graph_has_the_loss_graphs_inputs_and_one_output_per_tensor(name, bundles, tiny_models):
+    from safetensors import safe_open
+
+    bundle = Bundle(bundles(name))
+    model, grad = _graphs(bundle.path)
+    assert _signature(grad.graph.input) == _signature(model.graph.input)  # names, dtypes, (dynamic) shapes
+    trainable = [t.name for t in bundle.manifest.trainable]
+    assert [i.name for i in grad.graph.input] == ["input_ids", "attention_mask", "labels", *trainable]
+    assert _signature(grad.graph.output) == [("loss", onnx.TensorProto.FLOAT, [])] + [
+        ("grad/" + t.name, onnx.TensorProto.FLOAT, list(t.shape)) for t in bundle.manifest.trainable]
+    # the loss graph's frozen weights are the gradient graph's constant initializers, with the same values
+    with safe_open(tiny_models[EXPORTS[name][0]] / "model.safetensors", "np") as f:
+        weights = set(f.keys())
+    loss_frozen = {i.name: i for i in model.graph.initializer if i.name in weights}
+    grad_frozen = {i.name: i for i in grad.graph.initializer if i.name in weights}
+    assert grad_frozen.keys() == loss_frozen.keys() and not set(trainable) & grad_frozen.keys()
+    assert loss_frozen or EXPORTS[name][3:] == ("all", {"gradients": True})  # all trainable: nothing frozen
+    for weight, tensor in loss_frozen.items():
+        assert np.array_equal(onnx.numpy_helper.to_array(grad_frozen[weight]), onnx.numpy_helper.to_array(tensor))
+
+
+def _head(name, tiny_models):
+    """The loss head the bundle ``name`` was traced from, rebuilt (seeded) as the exporter builds it."""
+    from pocketzo.export import exporter
+
+    model, task, template, trainable, *more = EXPORTS[name]
+    config = ExportConfig(task=task, template=template, labels=LABELS if task == "classify" else (),
+                          trainable=trainable, max_length=32, **(more[0] if more else {}))
+    net, tokenizer, head, _ = exporter._load(tiny_models[model], config)
+    wrapper, _ = exporter._wrap(net, head, exporter._task_spec(config, head, tokenizer), config)
+    return wrapper
+
+
+@pytest.mark.parametrize("name", ["llama-causal-grad", "llama-classify-grad", "bert-classify-grad"])
+def test_other_batch_shapes_match_autograd_and_the_loss_graph(name, bundles, tiny_models):
+    """Dynamic axes: 1 x 1, 2 x 2 (the causal shift leaves one position) and 5 x 9, right-padded."""
+    bundle = Bundle(bundles(name))
+    head = _head(name, tiny_models)
+    trainable = [t.name for t in bundle.manifest.trainable]
+    loss_graph = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    for rows, seq in ((1, 1), (2, 2), (5, 9)):
+        ids = torch.randint(6, 20, (rows, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, seq // 2 + 1:] = 0
+        labels = torch.randint(0, 2, (rows,), generator=g) if bundle.task.kind == "classify" \
+            else ids.masked_fill(mask == 0, -100)
+        record = check_gradients(bundle.path / "gradients.onnx", head, (ids, mask, labels), trainable, {})
+        assert record["max_error"] <= TOLERANCE
+        params = dict(head.named_parameters())
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "labels": labels.numpy(),
+                **{n: params["net." + n].detach().numpy() for n in trainable}}
+        assert abs(float(loss_graph.run(["loss"], feed)[0]) - record["loss_onnx"]) <= 1e-6
+
+
+def _scale_one_gradient(monkeypatch, tensor: str, factor: float) -> None:
+    """An exporter bug in miniature: ``grad/<tensor>`` comes out ``factor`` times too large."""
+    name_outputs = gradients._name_outputs
+
+    def broken(graph, produced):
+        name_outputs(graph, produced)
+        target = "grad/" + tensor
+        for node in graph.node:
+            node.output[:] = [o + ".unscaled" if o == target else o for o in node.output]
+        factor_value = onnx.numpy_helper.from_array(np.array(factor, np.float32), "scale.factor")
+        graph.initializer.append(factor_value)
+        graph.node.append(onnx.helper.make_node("Mul", [target + ".unscaled", "scale.factor"], [target]))
+
+    monkeypatch.setattr(gradients, "_name_outputs", broken)
+
+
+def test_a_wrong_gradient_refuses_the_export_and_names_the_tensor(tiny_models, tmp_path, monkeypatch):
+    _scale_one_gradient(monkeypatch, "model.layers.1.post_attention_layernorm.weight", 2.0)
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match=r"gradient parity: grad/model\.layers\.1\.post_attention_layernorm"
+                                          r"\.weight differs from PyTorch autograd by .* relative"):
+        export_bundle(tiny_models["llama"], out, ExportConfig(
+            task="classify", template=TEMPLATE, labels=LABELS, trainable=r"norm\.weight$", max_length=32,
+            gradients=True))
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"peft": "lora", "slots": 2}, "--gradients with --slots"),
+    ({"quantize": "int8"}, "--gradients with --quantize is not supported yet"),
+    ({"ort": True}, "--gradients with --ort is not supported yet"),
+])
+def test_unsupported_combinations_are_refused(kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        ExportConfig(task="classify", template=TEMPLATE, labels=LABELS, gradients=True, **kwargs)
+
+
+def test_name_outputs_gives_every_tensor_an_output(tmp_path):
+    """Renamed in place, an Identity for a value that is taken twice or is an input, zeros for no gradient."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), onnx.helper.make_node("Neg", ["x"], ["n"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])], [])
+    gradients._name_outputs(graph, [("loss", "s", ()), ("grad/a", "n", (3,)), ("grad/b", "n", (3,)),
+                                    ("grad/c", "x", (3,)), ("grad/d", None, (2, 2))])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    loss, a, b, c, d = session.run(None, {"x": x})
+    assert [o.name for o in session.get_outputs()] == ["loss", "grad/a", "grad/b", "grad/c", "grad/d"]
+    assert loss == 6.0 and (a == -x).all() and (b == -x).all() and (c == x).all() and (d == 0).all()
+    assert d.shape == (2, 2)
+
+
+def test_manifests_without_a_gradient_graph_still_read(bundles):
+    obj = Bundle(bundles("llama-norms-grad")).manifest.to_json()
+    assert Manifest.from_json(obj).gradient_file == "gradients.onnx"
+    older = {k: v for k, v in obj.items() if k != "gradient_file"}
+    older["files"] = {k: v for k, v in obj["files"].items() if k != "gradient_model"}
+    assert Manifest.from_json(older).gradient_file is None
+    unnamed = {**obj, "files": older["files"]}  # gradient_file must be one of the files
+    with pytest.raises(BundleError, match="gradients.onnx"):
+        Manifest.from_json(unnamed).validate_files()
+
+
+class _Linear(torch.nn.Module):
+    """loss = c * sum(w * x): d loss / d w = c * x (a head with one tensor, ``w``)."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.net, self.c = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.ones(4))}), c
+
+    def forward(self, input_ids, attention_mask, labels):
+        return (self.c * (self.net["w"] * input_ids.float()).sum(),)
+
+
+class _Session:
+    """An ONNX Runtime stand-in whose gradient is ``scale`` times the true one."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def run(self, names, feed):
+        x = feed["input_ids"].astype(np.float32)
+        return [np.float32((feed["w"] * x).sum()), (self.scale * x).astype(np.float32)]
+
+
+@pytest.mark.parametrize("scale, passes", [(1 + 3e-5, True), (1 + 2e-4, False), (2.0, False)])
+def test_float32_noise_is_judged_against_float64_autograd(scale, passes):
+    """Over the 1e-5 tolerance, ONNX Runtime may be off from float64 by NOISE x PyTorch's own float32 error
+    (here made 2e-5 by a "float64" head that differs by that much): 1 + 3e-5 passes, 1 + 2e-4 and 2 do not."""
+    from pocketzo.export import gradient_parity
+
+    sample = (torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    args = (_Session(scale), _Linear(1.0), lambda: _Linear(1.0 + 2e-5).double(), sample,
+            {"w": np.ones(4, np.float32)}, TOLERANCE, "")
+    if passes:
+        record = gradient_parity._compare(*args)
+        assert record["max_error"] > TOLERANCE and record["float64"]["max_error"] <= record["float64"]["bound"]
+    else:
+        with pytest.raises(ExportError, match=r"grad/w differs from PyTorch autograd"):
+            gradient_parity._compare(*args)

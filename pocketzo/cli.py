@@ -29,6 +29,11 @@ TRAIN_HELP = {
                  "--perturbation gaussian; one float32 per weight and one more forward per step)",
     "eps_end": "decay eps linearly to this over the run (0: constant eps)",
     "directions": "q directions per step, averaged (a bundle with P slots: 1 = as many as one run holds)",
+    "method": "zo: forward passes only, memory of inference; fo: exact gradients from the bundle's gradient graph "
+              "(pocketzo export --gradients), one forward+backward per step",
+    "optimizer": "fo: sgd (with --momentum; 1 float32 per weight) or adamw (2 float32 per weight), plus the "
+                 "gradient buffer (1 per weight)",
+    "grad_clip": "fo: clip the gradient's global L2 norm to this (0: off)",
 }
 POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
@@ -266,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
             "lora_targets": "comma-separated last name parts of the Linear layers LoRA adapts",
             "prompt_tokens": "virtual tokens of --peft prompt",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
-            "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)"})
+            "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)",
+            "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "
+                         "for `train --method fo` (not with --slots, --quantize or --ort)"})
         e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         e.set_defaults(func=cmd_export)
 

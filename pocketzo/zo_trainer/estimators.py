@@ -6,6 +6,7 @@ is regenerated from its seed wherever it is needed (``noise``), so a plan is a h
     two-sided   points theta +- eps z_j              g_j = (L+ - L-) / (2 eps)            2q forwards
                 (+ theta first, with curvature)      c_j = |L+ + L- - 2 L(theta)| / (2 eps^2)
     one-sided   theta, then theta + eps z_j          g_j = (L_j - L(theta)) / eps          q + 1
+    exact       theta, with its gradient             the gradient graph's g              1 forward+backward
 
 An evaluator (``evaluators``) returns one loss per point, in plan order; the estimate goes to an
 update rule (``updates``). Replay feeds logged losses to the same ``estimate``.
@@ -13,14 +14,16 @@ update rule (``updates``). Replay feeds logged losses to the same ``estimate``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from pocketzo.zo_trainer.method import Method
 
-Role = Literal["theta", "plus", "minus"]
+Role = Literal["theta", "plus", "minus", "gradient"]  # gradient: L(theta) and its exact gradient
 
 
 def step_seed(run_seed: int, step: int, direction: int = 0) -> int:
@@ -53,11 +56,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Projected gradients g_j along the plan's directions (and curvatures c_j, when measured)."""
+    """Projected gradients g_j along the plan's directions (and curvatures c_j, when measured), or the
+    exact gradient (a flat buffer in the weights' layout) and its L2 norm."""
 
     seeds: tuple[int, ...]
     grads: tuple[float, ...]
     curvatures: tuple[float, ...] | None = None
+    gradient: npt.NDArray[np.float32] | None = None
+    grad_norm: float = 0.0
 
 
 class Estimator:
@@ -72,7 +78,9 @@ class Estimator:
     def plan(self, step: int, eps: float) -> Plan:
         raise NotImplementedError
 
-    def estimate(self, plan: Plan, losses: tuple[float, ...]) -> Estimate:
+    def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
+                 ) -> Estimate:
+        """The estimate from the plan's losses (and the gradient buffer an exact plan filled)."""
         raise NotImplementedError
 
 
@@ -92,7 +100,8 @@ class TwoSided(Estimator):
         pairs = [Point(r, j, s, c) for j, s in enumerate(seeds) for r, c in (("plus", eps), ("minus", -eps))]
         return Plan(step, eps, seeds, ((THETA,) if self.curvature else ()) + tuple(pairs))
 
-    def estimate(self, plan: Plan, losses: tuple[float, ...]) -> Estimate:
+    def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
+                 ) -> Estimate:
         plus, minus, eps = _by_role(plan, losses, "plus"), _by_role(plan, losses, "minus"), plan.eps
         grads = tuple((a - b) / (2.0 * eps) for a, b in zip(plus, minus, strict=True))
         curvatures = None
@@ -109,12 +118,31 @@ class OneSided(Estimator):
         seeds = self.seeds(step)
         return Plan(step, eps, seeds, (THETA, *(Point("plus", j, s, eps) for j, s in enumerate(seeds))))
 
-    def estimate(self, plan: Plan, losses: tuple[float, ...]) -> Estimate:
+    def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
+                 ) -> Estimate:
         (zero,) = _by_role(plan, losses, "theta")
         return Estimate(plan.seeds, tuple((a - zero) / plan.eps for a in _by_role(plan, losses, "plus")))
 
 
+class ExactGradient(Estimator):
+    """The loss and its exact gradient at theta: one run of the bundle's gradient graph."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 0)
+
+    def plan(self, step: int, eps: float) -> Plan:
+        return Plan(step, 0.0, (), (Point("gradient"),))
+
+    def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
+                 ) -> Estimate:
+        if gradient is None:
+            raise ValueError("an exact-gradient plan needs an evaluator that returns the gradient")
+        return Estimate((), (), gradient=gradient, grad_norm=math.sqrt(float(np.dot(gradient, gradient))))
+
+
 def make_estimator(method: Method) -> Estimator:
+    if method.method == "fo":
+        return ExactGradient()
     if method.estimator == "one-sided":
         return OneSided(method.seed, method.directions)
     return TwoSided(method.seed, method.directions, curvature=method.curvature > 0)

@@ -11,10 +11,13 @@ An evaluator owns the weights being trained (``theta``) and how they meet the se
                  buffer and is never perturbed.
 
 Both take the forward pass as a function, so replay runs the same passes over the buffer with logged
-losses instead of a session (``replay``). The interface leaves room for two more backends: a
-frozen-trunk evaluator (runs the trunk once per batch, then the plan's points on a head graph, in
-either of the two ways above) and a gradient evaluator (a plan that asks for the exact gradient at
-theta; the update rule then reads a gradient buffer instead of seeds).
+losses instead of a session (``replay``).
+
+    gradient     runs the bundle's gradient graph at theta (a plan of one "gradient" point): the loss,
+                 and the exact gradient written by ONNX Runtime into a flat buffer of theta's layout.
+
+The interface leaves room for a frozen-trunk evaluator: it runs the trunk once per batch, then the
+plan's points on a head graph, in either of the first two ways.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Noise:
 class Evaluation:
     losses: tuple[float, ...]  # one per plan point, in plan order
     forward_seconds: float
+    gradient: npt.NDArray[np.float32] | None = None  # a gradient plan's d loss / d theta, flat
 
 
 class Evaluator(Protocol):
@@ -177,3 +181,30 @@ class SlottedEvaluator:
         self.sync()
         self.perturber.close()
         self.work_perturber.close()
+
+
+GradientRun = Callable[[Batch | None], float]  # one forward+backward at the buffer's weights; fills the gradient
+
+
+class GradientEvaluator:
+    """The exact gradient at theta from the gradient graph; updates are applied to theta at once."""
+
+    def __init__(self, params: FlatParameters, gradient: FlatParameters, noise: Noise, run: GradientRun):
+        self.theta, self.gradient, self._run = params, gradient, run
+        self.perturber = noise.perturber(params.buffer)  # its chunked passes carry the dense update
+
+    def evaluate(self, plan: Plan, batch: Batch | None) -> Evaluation:
+        if [p.role for p in plan.points] != ["gradient"]:
+            raise ValueError("the gradient backend evaluates plans of one exact-gradient point")
+        t = time.perf_counter()
+        loss = self._run(batch)
+        return Evaluation((loss,), time.perf_counter() - t, self.gradient.buffer)
+
+    def update(self, ops: Sequence[Op]) -> None:
+        self.perturber.apply(*ops)
+
+    def sync(self) -> None:
+        pass  # theta is never perturbed
+
+    def close(self) -> None:
+        self.perturber.close()

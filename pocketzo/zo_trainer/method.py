@@ -16,6 +16,8 @@ from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
 
 Schedule = Literal["constant", "linear", "cosine"]
 EstimatorKind = Literal["two-sided", "one-sided"]
+Order = Literal["zo", "fo"]
+Optimizer = Literal["sgd", "adamw"]
 METHOD_VERSION = 3  # 3: Method and RunPolicy split, one record per step; 2: Box-Muller Gaussian noise
 
 # What `pocketzo train --recipe` starts from before its explicit flags; "best" is the default: the highest
@@ -24,6 +26,7 @@ METHOD_VERSION = 3  # 3: Method and RunPolicy split, one record per step; 2: Box
 RECIPES: dict[str, dict[str, Any]] = {
     "best": {"adaptive": True, "lr": 1e-3},
     "zo-sgd": {},  # MeZO's ZO-SGD: one two-sided direction, plain update
+    "fo-adamw": {"method": "fo", "optimizer": "adamw", "lr": 1e-3},  # exact gradients (export --gradients)
 }
 DEFAULT_RECIPE = "best"
 
@@ -44,6 +47,9 @@ class Method:
     """
 
     steps: int
+    method: Order = "zo"  # zo: forward passes only (MeZO); fo: exact gradients from the bundle's gradient graph
+    optimizer: Optimizer = "sgd"  # fo: sgd (with --momentum) or adamw (betas 0.9, 0.999); zo: sgd and its options
+    grad_clip: float = 0.0  # fo: clip the gradient's global L2 norm to this (0: off)
     lr: float = 1e-4
     eps: float = 1e-3
     batch_size: int = 16
@@ -84,7 +90,19 @@ class Method:
             (self.curvature == 0 or self.perturbation == "gaussian", "curvature needs --perturbation gaussian: "
              "with +-1 noise z_i^2 = 1 and every weight would get the same curvature"),
             (0 <= self.eps_end <= self.eps and math.isfinite(self.eps_end), "eps_end must be in [0, eps]"),
-            (self.weight_decay == 0 or not (self.momentum or self.sign or self.sparsity or self.curvature),
+            (self.method in ("zo", "fo"), "method must be zo or fo"),
+            (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
+            (self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip must be a finite number >= 0"),
+            (self.method == "fo" or (self.optimizer == "sgd" and not self.grad_clip), "--optimizer adamw and "
+             "--grad-clip need --method fo (ZO's Adam-like rule is --adaptive)"),
+            (self.method == "zo" or not (self.directions != 1 or self.estimator != "two-sided" or self.adaptive
+                                         or self.sign or self.sparsity or self.curvature or self.eps_end),
+             "--method fo takes the exact gradient: no --directions, --estimator, --adaptive, --sign, --sparsity, "
+             "--curvature or --eps-end"),
+            (self.method == "zo" or self.optimizer == "sgd" or not self.momentum,
+             "--momentum is SGD's; AdamW's first moment is fixed at 0.9"),
+            (self.method == "fo" or self.weight_decay == 0
+             or not (self.momentum or self.sign or self.sparsity or self.curvature),
              "weight_decay works only with updates that rescale the step (plain or --adaptive): not with "
              "momentum, sign, sparsity or curvature"),
         ])
@@ -110,11 +128,13 @@ class Method:
 
     @property
     def measures_theta(self) -> bool:
-        """Whether a step evaluates L(theta) itself (one-sided estimates, curvature)."""
-        return self.estimator == "one-sided" or self.curvature > 0
+        """Whether a step evaluates L(theta) itself (one-sided estimates, curvature, exact gradients)."""
+        return self.estimator == "one-sided" or self.curvature > 0 or self.method == "fo"
 
     def forwards_per_step(self) -> int:
-        """Points a step evaluates: forward passes on a bundle without slots."""
+        """Points a step evaluates: forward passes on a bundle without slots (fo: one forward+backward)."""
+        if self.method == "fo":
+            return 1
         per_direction = 2 if self.estimator == "two-sided" else 1
         return per_direction * self.directions + (1 if self.measures_theta else 0)
 

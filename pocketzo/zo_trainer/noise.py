@@ -135,6 +135,10 @@ class Perturber:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def decay_ranges(self, chunk: int) -> list[tuple[int, int]]:
+        """The decayed element ranges of ``chunk``, relative to its start."""
+        return self._decay[chunk]
+
     def add(self, seed: int, coef: float, decay_factor: float = 1.0, decay_coef: float | None = None) -> None:
         """One term in its own pass (see ``Term``)."""
         self.apply(Term(seed, coef, decay_factor, decay_coef))

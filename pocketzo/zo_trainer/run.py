@@ -35,6 +35,7 @@ from pocketzo.zo_trainer.checkpoint import (
     truncate_logs,
 )
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
+from pocketzo.zo_trainer.first_order import first_order_bytes
 from pocketzo.zo_trainer.method import Method, RunPolicy
 from pocketzo.zo_trainer.monitor import RunMonitor
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
@@ -88,6 +89,8 @@ def check_memory(session: TrainingSession, data: Dataset, method: Method, policy
     perturbers = 1 if slots == 1 else 2
     trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
                      + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
+    if method.method == "fo":  # the gradient buffer and m, v (the gradient graph's activations are not probed)
+        trainer_bytes = first_order_bytes(method, theta, threads)
     estimate = peak_rss_mb() + trainer_bytes / 1e6
     if estimate > limit_mb:
         raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "

@@ -35,7 +35,7 @@ def start_logs(run: Path) -> None:
 
 def pack_record(r: StepRecord) -> bytes:
     flags = ((UNDONE if r.status == "undone" else 0) | (HAS_THETA if r.loss_theta is not None else 0)
-             | (HAS_MINUS if r.directions[0].loss_minus is not None else 0))
+             | (HAS_MINUS if r.directions and r.directions[0].loss_minus is not None else 0))
     theta = math.nan if r.loss_theta is None else r.loss_theta
     parts = [_STEP.pack(r.step, r.lr, r.eps, theta, flags, len(r.directions))]
     for d in r.directions:

@@ -1,11 +1,14 @@
 """The training step: plan -> evaluate -> update, and the record it leaves.
 
     plan      the estimator says which points to evaluate (``estimators``)
-    evaluate  the evaluator returns their losses (``evaluators``: sequential or slotted)
-    update    the update rule turns the estimate into one fused pass over theta (``updates``)
+    evaluate  the evaluator returns their losses (``evaluators``: sequential, slotted, or the exact
+              gradient from the bundle's gradient graph)
+    update    the update rule turns the estimate into one fused pass over theta (``updates``;
+              ``first_order`` for exact gradients)
 
-A step is fully described by its record: the seeds regenerate the noise, the losses give the
-estimate, so initial weights + the log rebuild the final weights bit for bit (``replay``).
+A zeroth-order step is fully described by its record: the seeds regenerate the noise, the losses give
+the estimate, so initial weights + the log rebuild the final weights bit for bit (``replay``). A
+first-order step is not (its gradient is not in the log): such runs are rebuilt from checkpoints.
 
 A step with a non-finite loss, or one above ``loss_limit``, is *undone*: no update is applied and
 the perturbation is removed (by the same fused restore as always); the record says ``"undone"``.
@@ -22,10 +25,13 @@ from typing import Literal
 import numpy as np
 
 from pocketzo.runtime.data import Batch
+from pocketzo.runtime.gradient_session import GradientSession
 from pocketzo.runtime.session import FlatParameters, TrainingSession
-from pocketzo.zo_trainer.estimators import Estimator, Plan, Point, make_estimator
+from pocketzo.zo_trainer.estimators import Estimate, Estimator, Plan, Point, make_estimator
 from pocketzo.zo_trainer.evaluators import (
     Evaluator,
+    GradientEvaluator,
+    GradientRun,
     Noise,
     PlanLosses,
     PointLoss,
@@ -33,6 +39,7 @@ from pocketzo.zo_trainer.evaluators import (
     SlottedEvaluator,
     one_slot_copy,
 )
+from pocketzo.zo_trainer.first_order import FirstOrderRule
 from pocketzo.zo_trainer.method import Method
 from pocketzo.zo_trainer.updates import State, UpdateRule
 
@@ -53,10 +60,11 @@ class StepRecord:
     lr: float
     eps: float
     directions: tuple[DirectionRecord, ...]
-    loss_theta: float | None = None  # L(theta), when the step measured it (one-sided, curvature)
+    loss_theta: float | None = None  # L(theta), when the step measured it (one-sided, curvature, exact gradient)
     status: Status = "ok"  # "undone": a non-finite or exploding loss; no update was applied
     seconds: float = 0.0  # the whole step
     forward_seconds: float = 0.0  # of which in forward passes (the rest is noise passes and updates)
+    grad_norm: float | None = None  # the exact gradient's L2 norm (first-order steps)
 
     @property
     def loss(self) -> float:
@@ -67,6 +75,9 @@ class StepRecord:
 
     @property
     def grad_rms(self) -> float:
+        """RMS of the directions' projected gradients, or the exact gradient's norm."""
+        if self.grad_norm is not None:
+            return self.grad_norm
         grads = [d.grad for d in self.directions if d.grad is not None]
         return math.sqrt(sum(g * g for g in grads) / len(grads)) if grads else 0.0
 
@@ -78,27 +89,28 @@ class StepRecord:
         return cls(**{**obj, "directions": tuple(DirectionRecord(**d) for d in obj["directions"])})
 
 
-def record_of(plan: Plan, losses: tuple[float, ...], grads: tuple[float, ...] | None, lr: float,
+def record_of(plan: Plan, losses: tuple[float, ...], estimate: Estimate | None, lr: float,
               seconds: float, forward_seconds: float) -> StepRecord:
-    """The record of a step: each loss under the name of the point it was measured at."""
+    """The record of a step (``estimate`` None: undone): each loss under the name of its point."""
     plus: dict[int, float] = {}
     minus: dict[int, float] = {}
     theta = None
     for point, value in zip(plan.points, losses, strict=True):
-        if point.role == "theta":
+        if point.role in ("theta", "gradient"):
             theta = value
         else:
             (plus if point.role == "plus" else minus)[point.direction] = value
-    directions = tuple(DirectionRecord(s, None if grads is None else grads[j], plus[j], minus.get(j))
+    directions = tuple(DirectionRecord(s, None if estimate is None else estimate.grads[j], plus[j], minus.get(j))
                        for j, s in enumerate(plan.seeds))
-    return StepRecord(plan.step, lr, plan.eps, directions, theta, "ok" if grads is not None else "undone",
-                      seconds, forward_seconds)
+    grad_norm = estimate.grad_norm if estimate is not None and estimate.gradient is not None else None
+    return StepRecord(plan.step, lr, plan.eps, directions, theta, "ok" if estimate is not None else "undone",
+                      seconds, forward_seconds, grad_norm)
 
 
 class Trainer:
     """One ZO step at a time: ``estimator`` plans, ``evaluator`` measures, ``rule`` updates."""
 
-    def __init__(self, method: Method, estimator: Estimator, evaluator: Evaluator, rule: UpdateRule):
+    def __init__(self, method: Method, estimator: Estimator, evaluator: Evaluator, rule: UpdateRule | FirstOrderRule):
         self.method, self.estimator, self.evaluator, self.rule = method, estimator, evaluator, rule
 
     @property
@@ -112,12 +124,14 @@ class Trainer:
         lr = self.method.lr_at(step) if lr is None else lr
         plan = self.estimator.plan(step, self.method.eps_at(step))
         evaluation = self.evaluator.evaluate(plan, batch)
-        grads = None
+        estimate = None
         if all(math.isfinite(v) and v <= loss_limit for v in evaluation.losses):
-            estimate = self.estimator.estimate(plan, evaluation.losses)
-            self.evaluator.update(self.rule.ops(estimate, lr))
-            grads = estimate.grads
-        return record_of(plan, evaluation.losses, grads, lr, time.perf_counter() - t0, evaluation.forward_seconds)
+            estimate = self.estimator.estimate(plan, evaluation.losses, evaluation.gradient)
+            if estimate.gradient is not None and not math.isfinite(estimate.grad_norm):
+                estimate = None  # a non-finite gradient is undone like a non-finite loss
+            else:
+                self.evaluator.update(self.rule.ops(estimate, lr))
+        return record_of(plan, evaluation.losses, estimate, lr, time.perf_counter() - t0, evaluation.forward_seconds)
 
     def sync(self) -> None:
         """Make the session's buffer hold the current weights (before evaluating or saving them)."""
@@ -155,8 +169,26 @@ def build_trainer(params: FlatParameters, slots: int, method: Method, threads: i
     return Trainer(method, make_estimator(method), evaluator, rule)
 
 
+def build_first_order_trainer(params: FlatParameters, gradient: FlatParameters, run: GradientRun, method: Method,
+                              threads: int) -> Trainer:
+    """A trainer that steps with exact gradients (``--method fo``): ``run(batch)`` is one forward+backward at
+    ``params`` that returns the loss and writes d loss / d params into ``gradient``."""
+    threads = threads or os.cpu_count() or 1
+    rule = FirstOrderRule(method, params, threads)
+    decay = tuple(params.segments(decay=True)) if method.weight_decay > 0 else ()
+    evaluator = GradientEvaluator(params, gradient, Noise(method.perturbation, threads, decay), run)
+    return Trainer(method, make_estimator(method), evaluator, rule)
+
+
 def make_trainer(session: TrainingSession, method: Method, threads: int = 0) -> Trainer:
-    """The trainer of a session: sequential, or slotted when the bundle has perturbation slots."""
+    """The trainer of a session: sequential, slotted when the bundle has perturbation slots, or first-order
+    over the bundle's gradient graph (sharing the session's weight buffer)."""
+    if method.method == "fo":
+        if session.slots > 1:
+            raise ValueError("--method fo trains one copy of the weights: export the bundle without --slots")
+        grads = GradientSession(session.bundle, session.config, session.params)
+        return build_first_order_trainer(session.params, grads.gradient,
+                                         lambda b: grads.run(b.input_ids, b.attention_mask, b.labels), method, threads)
     method = resolve_directions(method, session.slots)
     if session.slots == 1:
         def point_loss(plan: Plan, point: Point, b: Batch) -> float:

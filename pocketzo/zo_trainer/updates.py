@@ -74,7 +74,8 @@ class State:
     """The optimizer's memory: what a checkpoint saves besides the weights."""
 
     sigma: npt.NDArray[np.float32] | None = None
-    momentum: npt.NDArray[np.float32] | None = None
+    momentum: npt.NDArray[np.float32] | None = None  # ZO momentum, SGD momentum, or AdamW's first moment
+    second_moment: npt.NDArray[np.float32] | None = None  # AdamW's (first-order runs)
     v: float = 0.0  # adaptive: EMA of g^2
     t: int = 0  # updates applied (bias corrections)
     scratch: list[npt.NDArray[np.float32]] = field(default_factory=list, repr=False)
@@ -93,11 +94,12 @@ class State:
 
     @property
     def extra_bytes(self) -> int:
-        arrays = [a for a in (self.sigma, self.momentum) if a is not None] + self.scratch
+        arrays = [*self.arrays().values(), *self.scratch]
         return sum(a.nbytes for a in arrays)
 
     def arrays(self) -> dict[str, npt.NDArray[np.float32]]:
-        return {k: a for k, a in (("sigma", self.sigma), ("momentum", self.momentum)) if a is not None}
+        named = (("sigma", self.sigma), ("momentum", self.momentum), ("second_moment", self.second_moment))
+        return {k: a for k, a in named if a is not None}
 
     def scalars(self) -> dict[str, float]:
         return {"v": self.v, "t": self.t}

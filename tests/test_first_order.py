@@ -1,0 +1,157 @@
+"""First-order training (zo_trainer.first_order): AdamW and SGD steps against torch.optim on a tiny model,
+gradient clipping, decay on matrices only, state memory, and an undone non-finite gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pocketzo.runtime.bundle import layout
+from pocketzo.runtime.session import FlatParameters
+from pocketzo.zo_trainer import Method
+from pocketzo.zo_trainer.first_order import first_order_bytes
+from pocketzo.zo_trainer.trainer import build_first_order_trainer
+
+
+class TinyNet:
+    """A 4 -> 3 -> 2 classifier whose 23 weights live in a FlatParameters; its 'gradient graph' is autograd."""
+
+    SPECS = [("w1", (3, 4), True), ("b1", (3,), False), ("w2", (2, 3), True), ("b2", (2,), False)]
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(32, 4, generator=g)
+        self.y = torch.randint(0, 2, (32,), generator=g)
+        specs, n = layout(self.SPECS)
+        self.params, self.gradient = FlatParameters(specs, n), FlatParameters(specs, n)
+        for view in self.params.views.values():
+            view[...] = torch.randn(view.shape, generator=g).numpy() * 0.5
+
+    @staticmethod
+    def loss(x, y, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.tanh(x @ t["w1"].T + t["b1"])
+        return torch.nn.functional.cross_entropy(h @ t["w2"].T + t["b2"], y)
+
+    def run(self, _batch=None) -> float:
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in self.params.views.items()}
+        loss = self.loss(self.x, self.y, t)
+        loss.backward()
+        for k, view in self.gradient.views.items():
+            view[...] = t[k].grad.numpy()
+        return float(loss.detach())
+
+    def trainer(self, method: Method):
+        return build_first_order_trainer(self.params, self.gradient, self.run, method, threads=1)
+
+    def torch_params(self) -> dict[str, torch.nn.Parameter]:
+        return {k: torch.nn.Parameter(torch.tensor(v)) for k, v in self.params.views.items()}
+
+
+@pytest.mark.parametrize("fields, make_optimizer", [
+    (dict(optimizer="adamw", lr=1e-2, weight_decay=0.1),
+     lambda decay, rest: torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                            {"params": rest, "weight_decay": 0.0}], lr=1e-2)),
+    (dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.05),
+     None),  # torch's SGD couples decay into the gradient; ours is decoupled: checked by hand below
+    (dict(optimizer="sgd", lr=0.1, momentum=0.9),
+     lambda decay, rest: torch.optim.SGD(decay + rest, lr=0.1, momentum=0.9)),
+    (dict(optimizer="adamw", lr=1e-2, grad_clip=0.05), "clip"),
+], ids=["adamw-decay", "sgd-decoupled-decay", "sgd-momentum", "adamw-clip"])
+def test_steps_match_torch(fields, make_optimizer):
+    net = TinyNet()
+    method = Method(steps=20, method="fo", **fields)
+    ref = net.torch_params()
+    decay = [ref[name] for name, _, d in TinyNet.SPECS if d]
+    rest = [ref[name] for name, _, d in TinyNet.SPECS if not d]
+    if make_optimizer is None:  # decoupled decay by hand: theta <- (1 - lr wd) theta, then SGD momentum
+        opt = torch.optim.SGD(decay + rest, lr=0.1, momentum=0.9)
+    elif make_optimizer == "clip":
+        opt = torch.optim.AdamW(decay + rest, lr=1e-2, weight_decay=0.0)
+    else:
+        opt = make_optimizer(decay, rest)
+    trainer = net.trainer(method)
+    for step in range(20):
+        record = trainer.step(step, None)
+        opt.zero_grad()
+        TinyNet.loss(net.x, net.y, ref).backward()
+        if make_optimizer == "clip":
+            norm = torch.nn.utils.clip_grad_norm_(decay + rest, 0.05)
+            assert record.grad_norm == pytest.approx(float(norm), rel=1e-5)
+        if make_optimizer is None:
+            with torch.no_grad():
+                for p in decay:
+                    p.mul_(1 - 0.1 * 0.05)
+        opt.step()
+    trainer.close()
+    for name, view in net.params.views.items():
+        np.testing.assert_allclose(view, ref[name].detach().numpy(), rtol=0, atol=2e-6, err_msg=name)
+    assert not np.allclose(net.params.views["w1"], TinyNet().params.views["w1"])  # it moved
+
+
+def test_first_order_state_memory_is_as_documented():
+    net = TinyNet()
+    n = net.params.buffer.shape[0]
+    for fields, arrays in ((dict(optimizer="adamw"), 2), (dict(optimizer="sgd", momentum=0.9), 1),
+                           (dict(optimizer="sgd"), 0)):
+        trainer = net.trainer(Method(steps=1, method="fo", **fields))
+        state = trainer.state
+        assert sum(a.nbytes for a in state.arrays().values()) == 4 * arrays * n
+        assert first_order_bytes(Method(steps=1, method="fo", **fields), n, 1) == (
+            4 * n * (1 + arrays) + sum(a.nbytes for a in state.scratch))
+
+
+def test_a_non_finite_gradient_is_undone():
+    net = TinyNet()
+    before = net.params.buffer.copy()
+    trainer = net.trainer(Method(steps=1, method="fo", optimizer="adamw", lr=1e-2))
+
+    def poisoned(_batch=None) -> float:
+        loss = net.run()
+        net.gradient.buffer[3] = np.nan
+        return loss
+
+    trainer.evaluator._run = poisoned
+    record = trainer.step(0, None)
+    assert record.status == "undone" and trainer.state.t == 0
+    np.testing.assert_array_equal(net.params.buffer, before)
+
+
+@pytest.mark.parametrize("bad", [dict(directions=2), dict(adaptive=True), dict(estimator="one-sided"),
+                                 dict(optimizer="adamw", momentum=0.9)])
+def test_zeroth_order_options_are_refused_with_fo(bad):
+    with pytest.raises(ValueError, match="fo|SGD"):
+        Method(steps=1, method="fo", **bad)
+    with pytest.raises(ValueError, match="need --method fo"):
+        Method(steps=1, optimizer="adamw")
+
+
+def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_replayed(bundles, sentiment_files,
+                                                                                        tmp_path):
+    from dataclasses import replace
+
+    from pocketzo.errors import PocketzoError
+    from pocketzo.runtime import Bundle
+    from pocketzo.zo_trainer import RunPolicy, replay_run, resume, train
+
+    bundle = bundles("llama-classify-grad")
+    method = Method(steps=40, method="fo", optimizer="adamw", lr=3e-3, batch_size=8, seed=3, weight_decay=0.01)
+    policy = RunPolicy(threads=1, progress=False)
+    ref = train(bundle, sentiment_files["train"], tmp_path / "ref", method, policy, eval_path=sentiment_files["dev"])
+    assert ref["final_eval"]["loss"] < ref["initial_eval"]["loss"] - 0.1
+    assert ref["forward_passes"] == 40 and ref["warnings"] == []
+    weights = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "ref" / "weights.safetensors").buffer
+    # checkpoints hold m and v: a run that loses its newest checkpoint resumes from an older one, same bits
+    run = tmp_path / "run"
+    train(bundle, sentiment_files["train"], run, method, replace(policy, checkpoint_every=10, keep_checkpoints=4),
+          eval_path=sentiment_files["dev"])
+    newest = sorted((run / "checkpoints").glob("step-*"))
+    assert (newest[-2] / "second_moment.npy").is_file()
+    import shutil
+
+    shutil.rmtree(newest[-1])
+    resume(run, {"threads": 2})
+    resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
+    assert resumed.tobytes() == weights.tobytes()
+    with pytest.raises(PocketzoError, match="first-order run"):
+        replay_run(bundle, tmp_path / "ref")

@@ -142,3 +142,15 @@ def test_lora_targets_that_match_nothing_name_the_layers(tiny_models, tmp_path):
         export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
             task="causal-lm", peft="lora", lora_targets=("query",), max_length=32))
     assert not (tmp_path / "b").exists()
+
+
+def test_slots_on_an_encoder_head_are_refused(tiny_models, tmp_path):
+    """The new classification head trains too and has no slot axis: with --slots 2 its (2, hidden) weight used
+    to pass as two slots."""
+    from pocketzo.export import export_bundle
+
+    with pytest.raises(ExportError, match="--slots with a classification head"):
+        export_bundle(tiny_models["bert"], tmp_path / "b", ExportConfig(
+            task="classify", labels=("negative", "positive"), peft="lora", lora_targets=("query", "value"),
+            slots=2, max_length=32))
+    assert not (tmp_path / "b").exists()

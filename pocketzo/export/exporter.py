@@ -162,6 +162,9 @@ def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportCo
     elif config.peft == "bitfit":
         adapter = {"method": "bitfit"}
     kw = {"prompt": prompt, "slots": config.slots}
+    if head == "head" and config.slots > 1:  # the new head trains too, and it has no slot axis
+        raise ExportError("--slots with a classification head (an encoder): the new head is trained as well and "
+                          "would need a copy per slot, which is not built; export without --slots")
     if head == "lm":
         return heads.CausalLMLoss(net, **kw), adapter
     if head == "head":

@@ -295,7 +295,7 @@ def format_report(r: dict) -> list[str]:
         f"  bundle load               {ms(r['load_s'])}  (baked: {ms(r['baked_load_s']).strip()})",
         f"  forward, baked weights    {ms(r['forward_baked_s'])}  p90 {ms(r['forward_baked_p90_s']).strip()}",
         f"  forward, training session {ms(r['forward_train_s'])}  p90 {ms(r['forward_train_p90_s']).strip()}",
-        f"  ZO step                   {ms(r['step_s'])}  p90 {ms(r['step_p90_s']).strip()}"
+        f"  training step             {ms(r['step_s'])}  p90 {ms(r['step_p90_s']).strip()}"
         f"  = forwards {ms(r['step_forward_s']).strip()} + noise passes {ms(r['step_noise_s']).strip()}",
         f"  overhead ratio            {r['overhead_ratio']:.3f}  (step / 2 baked forwards; 1.0 is the floor)",
         f"  tokens/s                  {r['tokens_per_s']:,.0f} inference, {r['train_tokens_per_s']:,.0f} training",

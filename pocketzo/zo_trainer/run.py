@@ -87,10 +87,11 @@ def check_memory(session: TrainingSession, data: Dataset, method: Method, policy
     threads = policy.threads or os.cpu_count() or 1
     theta = session.params.buffer.shape[0] // slots  # the one-slot layout, up to alignment padding
     perturbers = 1 if slots == 1 else 2
-    trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
-                     + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
     if method.method == "fo":  # the gradient buffer and m, v (the gradient graph's activations are not probed)
         trainer_bytes = first_order_bytes(method, theta, threads)
+    else:
+        trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
+                         + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
     estimate = peak_rss_mb() + trainer_bytes / 1e6
     if estimate > limit_mb:
         raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "

@@ -27,7 +27,7 @@ PERSONAL_TRAIN  := --recipe zo-sgd --steps 150 --batch-size 8 --eval-batch-size 
                    --eval-every 50
 PERSONAL_PROMPT := "HAMLET\n"
 
-.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick clean
+.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick bench-methods clean
 
 setup: $(STAMP)
 
@@ -92,6 +92,11 @@ bench-accuracy: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
 
 bench-accuracy-quick: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
 	$(PY) benchmarks/accuracy.py --cache $(CACHE) --quick
+
+# ZO, exact gradients (fo), hybrid and PyTorch AdamW on the demo task at equal wall-clock: docs/methods.md.
+# Exports its two gradient bundles once; resumable (one JSON per run in benchmarks/methods/).
+bench-methods: setup
+	$(PY) benchmarks/methods.py
 
 $(DEMO_BUNDLE)/manifest.json: | setup
 	$(PY) -m pocketzo assets

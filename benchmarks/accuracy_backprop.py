@@ -113,7 +113,7 @@ def main() -> None:
     for step in range(args.steps + 1):
         if step in eval_at:
             accuracy, loss = evaluate(head, data)
-            curve.append({"step": step, "accuracy": accuracy, "loss": loss})
+            curve.append({"step": step, "accuracy": accuracy, "loss": loss, "train_seconds": sum(step_seconds)})
             print(f"step {step}/{args.steps}: accuracy {accuracy:.4f} eval loss {loss:.4f} "
                   f"({len(data)} rows, {time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
         if step == args.steps:

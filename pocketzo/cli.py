@@ -30,10 +30,11 @@ TRAIN_HELP = {
     "eps_end": "decay eps linearly to this over the run (0: constant eps)",
     "directions": "q directions per step, averaged (a bundle with P slots: 1 = as many as one run holds)",
     "method": "zo: forward passes only, memory of inference; fo: exact gradients from the bundle's gradient graph "
-              "(pocketzo export --gradients), one forward+backward per step",
-    "optimizer": "fo: sgd (with --momentum; 1 float32 per weight) or adamw (2 float32 per weight), plus the "
-                 "gradient buffer (1 per weight)",
-    "grad_clip": "fo: clip the gradient's global L2 norm to this (0: off)",
+              "(pocketzo export --gradients), one forward+backward per step; hybrid: exact gradients for the top "
+              "layers (export --gradient-layers K) and ZO estimates (--estimator, --directions) below them",
+    "optimizer": "fo, hybrid: sgd (with --momentum; 1 float32 per weight) or adamw (2 float32 per weight), plus "
+                 "the gradient buffer (1 per weight)",
+    "grad_clip": "fo, hybrid: clip the exact gradient's global L2 norm to this (0: off)",
 }
 POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
@@ -273,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)",
             "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "
-                         "for `train --method fo` (not with --slots, --quantize or --ort)"})
+                         "for `train --method fo` (not with --slots, --quantize or --ort)",
+            "gradient_layers": "with --gradients: differentiate only the trainable tensors of the last K layers "
+                               "(and the final norm / head); the backward pass stops there. For `train --method "
+                               "hybrid`, which estimates the tensors below by ZO. 0: all"})
         e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         e.set_defaults(func=cmd_export)
 

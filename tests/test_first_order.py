@@ -1,16 +1,22 @@
-"""First-order training (zo_trainer.first_order): AdamW and SGD steps against torch.optim on a tiny model,
-gradient clipping, decay on matrices only, state memory, and an undone non-finite gradient."""
+"""First-order and hybrid training (zo_trainer.first_order): AdamW and SGD steps against torch.optim on a
+tiny model, gradient clipping, decay on matrices only, state memory, an undone non-finite gradient; the
+hybrid step by hand; fo and hybrid runs on exported gradient graphs."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from pocketzo.errors import ExportError
+from pocketzo.export.gradients import exact_tensors
 from pocketzo.runtime.bundle import layout
 from pocketzo.runtime.session import FlatParameters
 from pocketzo.zo_trainer import Method
 from pocketzo.zo_trainer.first_order import first_order_bytes
+from pocketzo.zo_trainer.noise import Perturber
 from pocketzo.zo_trainer.trainer import build_first_order_trainer
 
 
@@ -111,7 +117,7 @@ def test_a_non_finite_gradient_is_undone():
         net.gradient.buffer[3] = np.nan
         return loss
 
-    trainer.evaluator._run = poisoned
+    trainer.evaluator._backward = poisoned
     record = trainer.step(0, None)
     assert record.status == "undone" and trainer.state.t == 0
     np.testing.assert_array_equal(net.params.buffer, before)
@@ -153,5 +159,94 @@ def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_
     resume(run, {"threads": 2})
     resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
     assert resumed.tobytes() == weights.tobytes()
-    with pytest.raises(PocketzoError, match="first-order run"):
+    with pytest.raises(PocketzoError, match="run with exact gradients"):
         replay_run(bundle, tmp_path / "ref")
+
+
+def test_a_hybrid_step_is_the_exact_gradient_above_the_cut_and_the_zo_estimate_below():
+    """w1, b1 get (L(theta + eps z) - L(theta)) / eps * z; w2, b2 the exact gradient; one SGD step."""
+    net = TinyNet()
+    theta = net.params.buffer.copy()
+    split = net.params.specs[2].offset  # w2: the first tensor with an exact gradient
+
+    def backward(_batch=None) -> float:
+        loss = net.run()
+        net.gradient.buffer[:split] = 0.0  # a gradient graph cut at w2 has no output below it
+        return loss
+
+    def forward(_batch=None) -> float:
+        t = {k: torch.tensor(v) for k, v in net.params.views.items()}
+        return float(TinyNet.loss(net.x, net.y, t))
+
+    lr, eps = 0.1, 1e-2
+    method = Method(steps=1, method="hybrid", lr=lr, eps=eps, estimator="one-sided")
+    trainer = build_first_order_trainer(net.params, net.gradient, backward, method, 1, forward, split)
+    record = trainer.step(0, None)
+    trainer.close()
+    trained = net.params.buffer.copy()
+    (direction,) = record.directions
+    z = Perturber(np.zeros(split, np.float32), method.perturbation).noise(direction.seed)
+    plus = theta.copy()
+    plus[:split] += np.float32(eps) * z
+    net.params.buffer[:] = plus
+    assert forward() == pytest.approx(direction.loss_plus, rel=1e-6)
+    net.params.buffer[:] = theta
+    assert record.loss_theta == pytest.approx(backward(), rel=1e-6)
+    exact = net.gradient.buffer.copy()
+    g = (direction.loss_plus - record.loss_theta) / eps
+    assert direction.grad == pytest.approx(g, rel=1e-6)
+    want = theta.copy()
+    want[:split] -= np.float32(lr * g) * z
+    want[split:] -= np.float32(lr) * exact[split:]
+    np.testing.assert_allclose(trained, want, rtol=0, atol=1e-6)
+    assert not np.array_equal(want[:split], theta[:split]) and not np.array_equal(want[split:], theta[split:])
+
+
+def test_gradient_layers_cut_the_backward_at_a_layer():
+    names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.up.weight",
+             "model.layers.1.input_layernorm.weight", "model.layers.2.input_layernorm.weight", "model.norm.weight",
+             "lm_head.weight"]
+    assert exact_tensors(names, 3, 1) == names[4:]
+    assert exact_tensors(names, 3, 2) == names[3:]
+    assert exact_tensors(names, 3, 3) == names
+    bert = ["bert.encoder.layer.0.output.dense.bias", "bert.encoder.layer.1.output.dense.bias", "classifier.weight"]
+    assert exact_tensors(bert, 2, 1) == bert[1:]
+    assert exact_tensors(["model.layers.0.a", "head.weight"], 4, 2) == ["head.weight"]  # only the head up there
+    with pytest.raises(ExportError, match="no trainable tensor in the last 1"):
+        exact_tensors(["model.layers.0.a", "model.layers.1.a"], 4, 1)
+    with pytest.raises(ExportError, match=r"layers\.0\.b \(layer 0\) comes after"):
+        exact_tensors(["model.layers.3.a", "model.layers.0.b"], 4, 1)
+
+
+def test_hybrid_training_learns_resumes_bit_for_bit_and_needs_a_cut_graph(bundles, sentiment_files, tmp_path):
+    from dataclasses import replace
+
+    from pocketzo.runtime import Bundle
+    from pocketzo.zo_trainer import RunPolicy, resume, train
+
+    bundle = Bundle(bundles("llama-norms-hybrid"))
+    exact = bundle.manifest.gradient_tensors
+    assert exact == ("model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+                     "model.norm.weight")
+    assert bundle.manifest.export["gradient_parity"]["max_error"] <= 1e-5
+    method = Method(steps=30, method="hybrid", optimizer="adamw", lr=0.1, estimator="one-sided", batch_size=8,
+                    seed=1)
+    policy = RunPolicy(threads=1, progress=False)
+    ref = train(bundle.path, sentiment_files["train"], tmp_path / "ref", method, policy,
+                eval_path=sentiment_files["dev"])
+    assert ref["final_eval"]["loss"] < ref["initial_eval"]["loss"] - 0.05
+    weights = FlatParameters.from_bundle(bundle, tmp_path / "ref" / "weights.safetensors")
+    initial = FlatParameters.from_bundle(bundle)
+    for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight"):  # both parts moved
+        assert not np.array_equal(weights.views[name], initial.views[name])
+    run = tmp_path / "run"
+    train(bundle.path, sentiment_files["train"], run, method, replace(policy, checkpoint_every=10),
+          eval_path=sentiment_files["dev"])
+    shutil.rmtree(sorted((run / "checkpoints").glob("step-*"))[-1])  # resume from step 20
+    resume(run, {"threads": 2})
+    resumed = FlatParameters.from_bundle(bundle, run / "weights.safetensors").buffer
+    assert resumed.tobytes() == weights.buffer.tobytes()
+    with pytest.raises(ValueError, match="train it with --method hybrid"):
+        train(bundle.path, sentiment_files["train"], tmp_path / "fo", Method(steps=1, method="fo"), policy)
+    with pytest.raises(ValueError, match="nothing to estimate"):
+        train(bundles("llama-norms-grad"), sentiment_files["train"], tmp_path / "h", method, policy)

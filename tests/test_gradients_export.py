@@ -36,7 +36,8 @@ def test_gradients_match_autograd(name, bundles):
     bundle = Bundle(bundles(name))
     m = bundle.manifest
     assert m.gradient_file == "gradients.onnx" and m.files["gradient_model"] == "gradients.onnx"
-    assert m.format_version == 3
+    assert m.format_version == 4
+    assert m.gradient_tensors == tuple(t.name for t in m.trainable)  # all of them without --gradient-layers
     record = m.export["gradient_parity"]
     assert record["tolerance"] == TOLERANCE == 1e-5
     assert record["max_error"] <= TOLERANCE
@@ -58,16 +59,19 @@ def test_gradient_graph_uses_default_domain_operators_only(name, bundles):
 
 
 @pytest.mark.parametrize("name", KINDS)
-def test_gradient_graph_has_the_loss_graphs_inputs_and_one_output_per_tensor(name, bundles, tiny_models):
+def test_gradient_graph_has_the_loss_graphs_inputs_and_outputs_and_one_gradient_per_tensor(name, bundles, tiny_models):
     from safetensors import safe_open
 
     bundle = Bundle(bundles(name))
     model, grad = _graphs(bundle.path)
-    assert _signature(grad.graph.input) == _signature(model.graph.input)  # names, dtypes, (dynamic) shapes
+    assert _signature(grad.graph.input) == _signature(model.graph.input) + [("compute_gradients",
+                                                                             onnx.TensorProto.BOOL, [])]
     trainable = [t.name for t in bundle.manifest.trainable]
-    assert [i.name for i in grad.graph.input] == ["input_ids", "attention_mask", "labels", *trainable]
-    assert _signature(grad.graph.output) == [("loss", onnx.TensorProto.FLOAT, [])] + [
-        ("grad/" + t.name, onnx.TensorProto.FLOAT, list(t.shape)) for t in bundle.manifest.trainable]
+    assert [i.name for i in grad.graph.input] == ["input_ids", "attention_mask", "labels", *trainable,
+                                                  "compute_gradients"]
+    n = len(model.graph.output)  # loss, example_loss (, candidate_loss): the same names, types and shapes
+    assert _signature(grad.graph.output)[:n] == _signature(model.graph.output)
+    assert [o.name for o in grad.graph.output[n:]] == ["grad/" + t for t in trainable]
     # the loss graph's frozen weights are the gradient graph's constant initializers, with the same values
     with safe_open(tiny_models[EXPORTS[name][0]] / "model.safetensors", "np") as f:
         weights = set(f.keys())
@@ -77,6 +81,39 @@ def test_gradient_graph_has_the_loss_graphs_inputs_and_one_output_per_tensor(nam
     assert loss_frozen or EXPORTS[name][3:] == ("all", {"gradients": True})  # all trainable: nothing frozen
     for weight, tensor in loss_frozen.items():
         assert np.array_equal(onnx.numpy_helper.to_array(grad_frozen[weight]), onnx.numpy_helper.to_array(tensor))
+
+
+@pytest.mark.parametrize("name", ["llama-classify-grad", "llama-causal-grad", "bert-classify-grad"])
+def test_switched_off_the_gradient_graph_is_the_loss_graph(name, bundles):
+    """compute_gradients false: the loss graph's outputs, bit for bit, and empty gradients; true: the same
+    outputs beside the gradients (one session trains and evaluates)."""
+    bundle = Bundle(bundles(name))
+    trainable = {t.name: v for t, v in zip(bundle.manifest.trainable, _initial(bundle), strict=True)}
+    loss_graph = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    grad_graph = ort.InferenceSession(str(bundle.gradient_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(6, 20, (3, 7))
+    mask = np.ones_like(ids)
+    mask[-1, 4:] = 0
+    labels = rng.integers(0, 2, (3,)) if bundle.task.kind == "classify" else np.where(mask == 0, -100, ids)
+    feed = {"input_ids": ids, "attention_mask": mask, "labels": labels, **trainable}
+    names = [o.name for o in loss_graph.get_outputs()]
+    want = loss_graph.run(names, feed)
+    grads = ["grad/" + t for t in trainable]
+    off = grad_graph.run(names + grads, {**feed, "compute_gradients": np.array(False)})
+    on = grad_graph.run(names + grads, {**feed, "compute_gradients": np.array(True)})
+    for w, a, b in zip(want, off, on, strict=False):
+        assert np.array_equal(w, a) and np.allclose(w, b, rtol=1e-6, atol=1e-6)
+    assert all(g.shape == (0,) for g in off[len(names):])
+    assert [g.shape for g in on[len(names):]] == [v.shape for v in trainable.values()]
+    assert any(np.abs(g).max() > 0 for g in on[len(names):])
+
+
+def _initial(bundle):
+    from safetensors.numpy import load_file
+
+    values = load_file(bundle.trainable_path)
+    return [values[t.name] for t in bundle.manifest.trainable]
 
 
 def _head(name, tiny_models):
@@ -208,7 +245,7 @@ def test_float32_noise_is_judged_against_float64_autograd(scale, passes):
 
     sample = (torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     args = (_Session(scale), _Linear(1.0), lambda: _Linear(1.0 + 2e-5).double(), sample,
-            {"w": np.ones(4, np.float32)}, TOLERANCE, "")
+            {"w": np.ones(4, np.float32)}, ["w"], TOLERANCE, "")
     if passes:
         record = gradient_parity._compare(*args)
         assert record["max_error"] > TOLERANCE and record["float64"]["max_error"] <= record["float64"]["bound"]

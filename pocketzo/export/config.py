@@ -32,6 +32,7 @@ class ExportConfig:
     parity_tolerance: float = 1e-4  # times max(1, |loss|)
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
     gradients: bool = False  # also write gradients.onnx: the loss and d loss / d each trainable tensor
+    gradient_layers: int = 0  # > 0: differentiate only the trainable tensors of the last K layers (--method hybrid)
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -56,6 +57,9 @@ class ExportConfig:
         if self.slots != 1 and (self.slots < 2 or self.slots % 2 or self.peft not in ("lora", "prompt")):
             raise ExportError(f"--slots {self.slots}: perturbation slots need --peft lora or prompt and an even "
                               "number >= 2 (a +eps and a -eps slot per direction)")
+        if self.gradient_layers < 0 or (self.gradient_layers and not self.gradients):
+            raise ExportError(f"--gradient-layers {self.gradient_layers}: give a number of layers >= 1, "
+                              "with --gradients")
         if self.gradients:
             self._check_gradients()
         for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):

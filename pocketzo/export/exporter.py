@@ -304,8 +304,11 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         del onnx_program, proto
         gc.collect()
         if config.gradients:
-            grad_parity = gradients.export_gradients(tmp, wrapper, sample, lifted, reference.random_values)
+            exact = (gradients.exact_tensors(lifted, net.config.num_hidden_layers, config.gradient_layers)
+                     if config.gradient_layers else lifted)
+            grad_parity = gradients.export_gradients(tmp, wrapper, sample, lifted, reference.random_values, exact)
             manifest = Manifest(**{**manifest.__dict__, "gradient_file": gradients.GRADIENT_MODEL,
+                                   "gradient_tensors": tuple(exact),
                                    "export": {**manifest.export, "gradient_parity": grad_parity}})
         del wrapper, net, params
         gc.collect()

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from pocketzo.errors import ExportError
+from pocketzo.runtime.bundle import GRADIENT_PREFIX as PREFIX
+from pocketzo.runtime.bundle import GRADIENT_SWITCH
 
-PREFIX = "grad/"  # the gradient of trainable tensor T is the output "grad/T"
 TOLERANCE = 1e-5
 NOISE = 4.0  # against float64 autograd, ONNX Runtime may be off by this many times PyTorch's float32 error
 USER_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -50,10 +51,12 @@ def requires_grad(head: nn.Module, names: set[str]) -> Iterator[None]:
             p.requires_grad_(before[n])
 
 
-def check_gradients(path: Path, head: nn.Module, sample: Sample, trainable: list[str],
-                    random_values: dict[str, np.ndarray], tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """ONNX Runtime's loss and gradients at the head's values, then at ``random_values`` (adapter
-    tensors, when there are any), against PyTorch autograd; raise ExportError naming the worst tensor."""
+def check_gradients(path: Path, head: nn.Module, sample: Sample, exact: list[str],
+                    random_values: dict[str, np.ndarray], tolerance: float = TOLERANCE,
+                    trainable: list[str] | None = None) -> dict[str, Any]:
+    """ONNX Runtime's loss and gradients (for the tensors of ``exact``) at the head's values of the
+    ``trainable`` tensors (default: ``exact``), then at ``random_values`` (adapter tensors, when there are
+    any), against PyTorch autograd; raise ExportError naming the worst tensor."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -61,13 +64,14 @@ def check_gradients(path: Path, head: nn.Module, sample: Sample, trainable: list
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     params = named(head)
-    initial = {n: params[n].detach().numpy().copy() for n in trainable}
+    initial = {n: params[n].detach().numpy().copy() for n in (trainable or exact)}
     precise = functools.cache(lambda: copy.deepcopy(head).double())  # built only when a tensor needs it
     result: dict[str, Any] = {"batch": list(sample[0].shape), "tolerance": tolerance,
-                              **_compare(session, head, precise, sample, initial, tolerance, ""),
+                              **_compare(session, head, precise, sample, initial, exact, tolerance, ""),
                               "random_adapters": None}
     if random_values:
-        result["random_adapters"] = _compare(session, head, precise, sample, {**initial, **random_values}, tolerance,
+        result["random_adapters"] = _compare(session, head, precise, sample, {**initial, **random_values}, exact,
+                                             tolerance,
                                              f" with random adapter values ({len(random_values)} tensors)")
     return result
 
@@ -87,30 +91,31 @@ def _values(params: dict[str, nn.Parameter], values: dict[str, np.ndarray]) -> I
                 params[n].copy_(v)
 
 
-def _autograd(head: nn.Module, sample: Sample, values: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """PyTorch's loss and its gradient for each tensor of ``values``, the head holding ``values`` (float64)."""
+def _autograd(head: nn.Module, sample: Sample, values: dict[str, np.ndarray], wrt: list[str]) -> list[np.ndarray]:
+    """PyTorch's loss and its gradient for each tensor of ``wrt``, the head holding ``values`` (float64)."""
     params = named(head)
-    with _values(params, values), requires_grad(head, set(values)):
+    with _values(params, values), requires_grad(head, set(wrt)):
         loss = head(*sample)[0]
-        grads = torch.autograd.grad(loss, [params[n] for n in values], allow_unused=True)
+        grads = torch.autograd.grad(loss, [params[n] for n in wrt], allow_unused=True)
     return [loss.detach().double().numpy()] + [np.zeros(values[n].shape) if g is None else g.double().numpy()
-                                               for n, g in zip(values, grads, strict=True)]
+                                               for n, g in zip(wrt, grads, strict=True)]
 
 
 def _compare(session: Any, head: nn.Module, precise: Callable[[], nn.Module], sample: Sample,
-             values: dict[str, np.ndarray], tolerance: float, where: str) -> dict[str, Any]:
+             values: dict[str, np.ndarray], exact: list[str], tolerance: float, where: str) -> dict[str, Any]:
     """One run of ONNX Runtime at ``values`` against autograd (float32, then float64 if needed)."""
-    names = ["loss", *values]
-    feed = {**dict(zip(USER_INPUTS, (x.numpy() for x in sample), strict=True)), **values}
-    got = session.run(["loss", *(PREFIX + n for n in values)], feed)
-    want = _autograd(head, sample, values)
+    names = ["loss", *exact]
+    feed = {**dict(zip(USER_INPUTS, (x.numpy() for x in sample), strict=True)), **values,
+            GRADIENT_SWITCH: np.array(True)}
+    got = session.run(["loss", *(PREFIX + n for n in exact)], feed)
+    want = _autograd(head, sample, values, exact)
     worst, error = _worst(names, got, want)
     record = {"loss_onnx": float(got[0]), "loss_torch": float(want[0]), "max_error": error, "worst_tensor": worst}
     if error <= tolerance:
         return record
-    exact = _autograd(precise(), sample, values)
-    noise = max(_error(w, e) for w, e in zip(want, exact, strict=True))
-    worst, error = _worst(names, got, exact)
+    reference = _autograd(precise(), sample, values, exact)
+    noise = max(_error(w, e) for w, e in zip(want, reference, strict=True))
+    worst, error = _worst(names, got, reference)
     bound = max(tolerance, NOISE * noise)
     record["float64"] = {"max_error": error, "worst_tensor": worst, "torch_float32_error": noise, "bound": bound}
     if error <= bound:

@@ -24,6 +24,7 @@ decomposes again (outputs are matched by place).
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from pocketzo.export.gradient_parity import (
     requires_grad,
 )
 from pocketzo.runtime.bundle import FILE_NAMES
+from pocketzo.runtime.bundle import GRADIENT_SWITCH as SWITCH
 
 GRADIENT_MODEL = FILE_NAMES["gradient_model"]
 
@@ -56,38 +58,43 @@ def _say(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-class _LossOnly(nn.Module):
-    """The head's scalar ``loss``, its only output (the joint graph differentiates output 0)."""
+class _Forward(nn.Module):
+    """The head's outputs with ``loss`` first: the joint graph differentiates output 0, and the others
+    (``example_loss``, ``candidate_loss``) are detached, as it requires of outputs that are not the loss."""
 
     def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.head(input_ids, attention_mask, labels)[0],)
+                labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        loss, *others = self.head(input_ids, attention_mask, labels)
+        return (loss, *(o.detach() for o in others))
 
 
 def _joint_program(head: nn.Module, sample: Sample) -> tuple[torch.export.ExportedProgram, list[str | None]]:
-    """The forward + backward ExportedProgram, with the loss and every gradient as user outputs; also, for
-    each output in order, the parameter (as the head names it) it is the gradient of, None for the loss."""
+    """The forward + backward ExportedProgram, with the head's outputs and every gradient as user outputs;
+    also, for each output in order, the parameter (as the head names it) it is the gradient of, None for
+    the head's own outputs."""
     from torch.export.experimental import _export_forward_backward
 
     # DYNAMIC, not named Dims: with grad enabled the causal-LM head's shift adds a guard seq != 2, which a
     # named Dim refuses; the graph holds no such specialisation (tests/test_gradients_export.py runs seq 2)
     dynamic = torch.export.Dim.DYNAMIC
     labels = {0: dynamic} if sample[2].dim() == 1 else {0: dynamic, 1: dynamic}
-    program = torch.export.export(_LossOnly(head), sample, strict=False, dynamic_shapes={
+    program = torch.export.export(_Forward(head), sample, strict=False, dynamic_shapes={
         "input_ids": {0: dynamic, 1: dynamic}, "attention_mask": {0: dynamic, 1: dynamic}, "labels": labels})
     program = _export_forward_backward(_drop_unused_parameters(program), joint_loss_index=0)
     _replace_empty_permuted(program.graph_module)
     specs = program.graph_signature.output_specs
-    kinds = (gs.OutputKind.LOSS_OUTPUT, gs.OutputKind.GRADIENT_TO_PARAMETER)
+    kinds = (gs.OutputKind.LOSS_OUTPUT, gs.OutputKind.USER_OUTPUT, gs.OutputKind.GRADIENT_TO_PARAMETER)
     if any(s.kind not in kinds or not isinstance(s.arg, gs.TensorArgument) for s in specs):
         found = sorted({f"{s.kind.name}:{type(s.arg).__name__}" for s in specs})
-        raise ExportError(f"the joint graph has outputs {found}; only a loss and gradient tensors are supported")
+        raise ExportError(f"the joint graph has outputs {found}; only the head's outputs and gradient tensors "
+                          "are supported")
     kept = [gs.OutputSpec(gs.OutputKind.USER_OUTPUT, s.arg, s.target) for s in specs]
-    targets = [None if s.kind == gs.OutputKind.LOSS_OUTPUT else s.target.removeprefix("head.") for s in specs]
+    targets = [s.target.removeprefix("head.") if s.kind == gs.OutputKind.GRADIENT_TO_PARAMETER else None
+               for s in specs]
     program = program._update(program.graph_module, gs.ExportGraphSignature(program.graph_signature.input_specs,
                                                                              kept))
     call = program._module_call_graph[0].signature  # the outputs a caller unflattens: now all of them
@@ -138,11 +145,14 @@ def _to_onnx(program: torch.export.ExportedProgram, sample: Sample) -> onnx.Mode
     return torch.onnx.export(program, sample, dynamo=True, optimize=False, verbose=False).model_proto
 
 
-def _name_outputs(graph: onnx.GraphProto, produced: list[tuple[str, str | None, tuple[int, ...]]]) -> None:
-    """Make the graph's outputs exactly ``produced``: (name, the value holding it or None for zeros, shape).
+def _name_outputs(graph: onnx.GraphProto,
+                  produced: list[tuple[str, str | None, tuple[int, ...] | None]]) -> None:
+    """Make the graph's outputs exactly ``produced``: (name, the value holding it or None for zeros, shape or
+    None to keep the exported output's type).
 
     A value is renamed where it is made; a value that is a graph input or initializer, or holds two
     outputs, gets an Identity; None gets a Constant of zeros (a gradient that is structurally zero)."""
+    exported = {o.name: o for o in graph.output}
     fixed = {i.name for i in graph.input} | {i.name for i in graph.initializer}
     rename: dict[str, str] = {}
     extra = []
@@ -160,9 +170,17 @@ def _name_outputs(graph: onnx.GraphProto, produced: list[tuple[str, str | None, 
     for info in graph.value_info:
         info.name = rename.get(info.name, info.name)
     graph.node.extend(extra)
+    outputs = []
+    for name, value, shape in produced:
+        if shape is None:
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(exported[str(value)])
+            info.name = name
+        else:
+            info = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))
+        outputs.append(info)
     del graph.output[:]
-    graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape))
-                        for name, _, shape in produced)
+    graph.output.extend(outputs)
 
 
 def _match_inputs(graph: onnx.GraphProto, model: onnx.GraphProto) -> None:
@@ -197,14 +215,18 @@ def default_domain_only(model: onnx.ModelProto) -> None:
 
 
 def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainable: list[str],
-                     random_values: dict[str, np.ndarray], tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """Write ``bundle_dir/gradients.onnx`` for ``head`` (the loss head of ``bundle_dir/model.onnx``) and
-    check it against autograd; return the check's record for ``export.gradient_parity``."""
+                     random_values: dict[str, np.ndarray], exact: list[str] | None = None,
+                     tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Write ``bundle_dir/gradients.onnx`` for ``head`` (the loss head of ``bundle_dir/model.onnx``): its
+    outputs, and the gradient of the loss for each tensor of ``exact`` (default: every trainable tensor;
+    autograd then stops below the lowest of them). Check it against autograd; return the check's record
+    for ``export.gradient_parity``."""
     from pocketzo.export.exporter import MODEL, _lift_trainable  # the exporter imports this module
 
+    exact = list(trainable) if exact is None else exact
     _say("tracing the gradient graph (torch.export, forward + backward)")
     # A tensor the loss does not depend on differentiably gets zeros: the joint graph refuses it as a parameter
-    differentiable = set(trainable) - set(_without_gradient(head, sample, trainable))
+    differentiable = set(exact) - set(_without_gradient(head, sample, exact))
     try:
         with requires_grad(head, differentiable), warnings.catch_warnings():
             for category in (UserWarning, FutureWarning, DeprecationWarning):  # torch.export's and torch.onnx's
@@ -221,32 +243,114 @@ def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainabl
     lifted = _lift_trainable(proto, head, trainable, strip="head.")
     if lifted != trainable:
         raise ExportError(f"--gradients: the gradient graph does not use {sorted(set(trainable) - set(lifted))}")
-    _name_outputs(proto.graph, _contract_outputs(proto.graph, head, trainable, targets))
+    _name_outputs(proto.graph, _contract_outputs(proto.graph, head, exact, targets))
     _match_inputs(proto.graph, onnx.load(bundle_dir / MODEL, load_external_data=False).graph)
+    _gate_backward(proto.graph, head.outputs)
     default_domain_only(proto)
     onnx.save_model(proto, str(bundle_dir / GRADIENT_MODEL))
     del proto
     _say("checking the gradients: ONNX Runtime vs PyTorch autograd")
-    return check_gradients(bundle_dir / GRADIENT_MODEL, head, sample, trainable, random_values, tolerance)
+    return check_gradients(bundle_dir / GRADIENT_MODEL, head, sample, exact, random_values, tolerance,
+                           trainable)
 
 
-def _contract_outputs(graph: onnx.GraphProto, head: nn.Module, trainable: list[str],
-                      targets: list[str | None]) -> list[tuple[str, str | None, tuple[int, ...]]]:
-    """(output name, the value holding it or None, shape): ``loss``, then ``grad/<name>`` per trainable tensor.
+def exact_tensors(trainable: list[str], n_layers: int, last: int) -> list[str]:
+    """The trainable tensors of the last ``last`` of ``n_layers`` transformer layers and everything after them
+    (final norm, head), in manifest order; they must be a suffix of ``trainable``, so that autograd stops at
+    one layer and a hybrid step perturbs one contiguous stretch of the flat buffer below it."""
+    if last >= n_layers:
+        return list(trainable)
+    first_layer = n_layers - last
+    index = [_layer_index(n) for n in trainable]
+    start = next((i for i, k in enumerate(index) if k is not None and k >= first_layer), None)
+    if start is None:  # no layer-indexed tensor up there: only tensors after the last layer (a head, a norm)
+        start = max((i + 1 for i, k in enumerate(index) if k is not None), default=len(trainable))
+    below = [trainable[i] for i in range(start, len(trainable)) if index[i] is not None and index[i] < first_layer]
+    if below:
+        raise ExportError(f"--gradient-layers {last}: {below[0]} (layer {_layer_index(below[0])}) comes after tensors "
+                          f"of layer >= {first_layer} in the trainable order; cannot cut the backward pass there")
+    if start == len(trainable):
+        raise ExportError(f"--gradient-layers {last}: no trainable tensor in the last {last} of {n_layers} layers")
+    return list(trainable[start:])
+
+
+def _layer_index(name: str) -> int | None:
+    """The transformer layer a parameter belongs to (``...layers.12.``, BERT's ``...layer.12.``), or None."""
+    match = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _contract_outputs(graph: onnx.GraphProto, head: nn.Module, exact: list[str],
+                      targets: list[str | None]) -> list[tuple[str, str | None, tuple[int, ...] | None]]:
+    """(output name, the value holding it or None, shape or None): the head's outputs (``loss``,
+    ``example_loss`` ...), then ``grad/<name>`` per tensor of ``exact``.
 
     The exported outputs follow the program's (torch.onnx renames values when it decomposes again, so
-    they are matched by place); ``targets`` names the parameter of each, None for the loss."""
+    they are matched by place); ``targets`` names the parameter of each, None for the head's outputs."""
     values = [o.name for o in graph.output]
-    if len(values) != len(targets) or targets[0] is not None:
-        raise ExportError(f"the gradient graph has {len(values)} outputs for {len(targets)} loss and gradients")
+    n_head = len(head.outputs)
+    if len(values) != len(targets) or any(t is not None for t in targets[:n_head]):
+        raise ExportError(f"the gradient graph has {len(values)} outputs for {n_head} outputs and "
+                          f"{len(targets) - n_head} gradients")
     canonical = _canonical(head)
     value_of: dict[str, str] = {}
-    for target, value in zip(targets[1:], values[1:], strict=True):
+    for target, value in zip(targets[n_head:], values[n_head:], strict=True):
         name = canonical[str(target).removeprefix("net.")]
         if value_of.setdefault(name, value) != value:
             raise ExportError(f"the gradient graph has two gradients for {name} (a tied tensor traced twice)")
     params = named(head)
-    return [("loss", values[0], ())] + [(PREFIX + n, value_of.get(n), tuple(params[n].shape)) for n in trainable]
+    return ([(name, value, None) for name, value in zip(head.outputs, values, strict=False)]
+            + [(PREFIX + n, value_of.get(n), tuple(params[n].shape)) for n in exact])
+
+
+def _gate_backward(graph: onnx.GraphProto, forward_outputs: tuple[str, ...]) -> None:
+    """Move every node the forward outputs do not need into the then-branch of one If on the boolean
+    input ``compute_gradients``: fed false, ONNX Runtime runs the forward alone (it does not prune a graph
+    to the requested outputs) and every gradient output is empty, so one session both trains and
+    evaluates. The branch reads the forward's values from the outer scope. The input has no default
+    (an initializer would be): onnxruntime 1.2x's IOBinding cannot bind an overridable initializer."""
+    producer = {o: node for node in graph.node for o in node.output}
+    needed: set[int] = set()
+    stack = list(forward_outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        raise ExportError("the gradient graph already has subgraphs (If / Loop); cannot gate its backward pass")
+    forward = [n for n in graph.node if id(n) in needed]
+    backward = [n for n in graph.node if id(n) not in needed]
+    grads = [o.name for o in graph.output if o.name not in forward_outputs]
+    inner = {g: "then/" + g for g in grads}  # a branch may not reuse the names of the If's outputs
+    for node in backward:
+        node.input[:] = [inner.get(i, i) for i in node.input]
+        node.output[:] = [inner.get(o, o) for o in node.output]
+    made = {o for node in backward for o in node.output}
+    moved = [v for v in graph.value_info if v.name in made]
+    kept = [v for v in graph.value_info if v.name not in made]
+    float_out = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in grads]
+    then = onnx.helper.make_graph(backward, "backward", [], [_renamed(v, inner[v.name]) for v in float_out],
+                                  value_info=moved)
+    empty = onnx.numpy_helper.from_array(np.zeros((0,), np.float32))
+    skip = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["else/" + g], value=empty) for g in grads],
+                                  "no_backward", [], [_renamed(v, "else/" + v.name) for v in float_out])
+    gate = onnx.helper.make_node("If", [SWITCH], grads, name="backward_gate", then_branch=then, else_branch=skip)
+    del graph.node[:]
+    graph.node.extend([*forward, gate])
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for out in graph.output:  # empty when not computed: the shape is the tensor's or (0,)
+        if out.name in inner:
+            out.type.tensor_type.ClearField("shape")
+    graph.input.append(onnx.helper.make_tensor_value_info(SWITCH, onnx.TensorProto.BOOL, []))
+
+
+def _renamed(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    copy.name = name
+    return copy
 
 
 def _without_gradient(head: nn.Module, sample: Sample, trainable: list[str]) -> list[str]:

@@ -120,9 +120,9 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     import onnxruntime as ort
 
     from pocketzo.runtime.data import Batch
-    from pocketzo.runtime.session import SessionConfig, TrainingSession
+    from pocketzo.runtime.session import SessionConfig
     from pocketzo.zo_trainer.method import Method
-    from pocketzo.zo_trainer.trainer import make_trainer
+    from pocketzo.zo_trainer.trainer import make_trainer, open_session
 
     sampler = RssSampler()
     base = rss_mb()
@@ -141,15 +141,15 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: sess.run(["loss"], feed), cfg.steps, cfg.warmup)))
     else:
-        session = TrainingSession(bundle, session_config)
+        method = Method(**{"steps": cfg.steps + cfg.warmup, **RECIPES[cfg.recipe], "lr": 0.0,
+                           "perturbation": cfg.perturbation})
+        session = open_session(bundle, session_config, method)  # fo / hybrid: the gradient graph, forward alone
         out["load_s"] = time.perf_counter() - t0
         out["rss_loaded_mb"] = rss_mb()
         out["trainable_parameters"] = session.params.numel
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: session.run(ids, mask, labels), cfg.steps, cfg.warmup)))
-        sampler.mark("zo steps")
-        method = Method(**{"steps": cfg.steps + cfg.warmup, **RECIPES[cfg.recipe], "lr": 0.0,
-                           "perturbation": cfg.perturbation})
+        sampler.mark("training steps")
         trainer = make_trainer(session, method, cfg.threads)
         batch = Batch(ids, mask, labels)
         records = [trainer.step(i, batch) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]

@@ -12,8 +12,10 @@ A bundle is a directory (documented in docs/bundle.md) of ``manifest.json`` (thi
     tokenizer_config     tokenizer_config.json    Hugging Face tokenizer files, for desktop users
     special_tokens_map   special_tokens_map.json
     base_config          hf_config.json           the base model's Hugging Face config (merge)
-    gradient_model       gradients.onnx           gradient graph (``export --gradients``): loss and d loss / d each
-                                                  trainable tensor, same inputs as the loss graph
+    gradient_model       gradients.onnx           gradient graph (``export --gradients``): the loss graph's inputs
+                                                  and outputs, plus d loss / d each tensor of
+                                                  ``gradient_tensors`` as ``grad/<name>``, computed only
+                                                  when the boolean input ``compute_gradients`` is true
 
 The device side reads it with numpy + onnxruntime only.
 """
@@ -29,9 +31,11 @@ from pocketzo.errors import BundleError
 from pocketzo.runtime import _safetensors
 
 FORMAT = "pocketzo-bundle"
-# 3 added files and gradient_file; 2 added slots, adapter and base_config_file. Versions 1 and 2 are still read.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: the gradient graph also gives the loss graph's outputs, gates its backward pass on compute_gradients, and
+# may differentiate a subset (gradient_tensors); 3 added files and gradient_file; 2 added slots, adapter and
+# base_config_file. Versions 1-3 are still read (a version-3 gradient graph is not used: re-export it).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 # The names the exporter gives a bundle's files, by role (the keys of ``Manifest.files``; see the docstring)
 FILE_NAMES = {
@@ -41,6 +45,8 @@ FILE_NAMES = {
     "special_tokens_map": "special_tokens_map.json", "base_config": "hf_config.json",
     "gradient_model": "gradients.onnx",
 }
+GRADIENT_PREFIX = "grad/"  # the gradient graph's output for trainable tensor T is "grad/T"
+GRADIENT_SWITCH = "compute_gradients"  # its boolean input: false runs the forward alone
 ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
 
 TaskKind = Literal["causal-lm", "classify"]
@@ -121,8 +127,10 @@ class Manifest:
     # this many equal groups, group k computed with slot k; outputs get a leading slot axis.
     slots: int = 1
     adapter: dict[str, Any] | None = None  # method ("lora", "prompt", "bitfit") and its settings
-    # The gradient graph (``export --gradients``): outputs ``loss`` and ``grad/<name>`` per trainable tensor.
+    # The gradient graph (``export --gradients``) and the trainable tensors it differentiates, in manifest
+    # order (all of them unless exported with --gradient-layers); the others get no grad/<name> output.
     gradient_file: str | None = None
+    gradient_tensors: tuple[str, ...] | None = None
     # Every file of the bundle but manifest.json, by role (FILE_NAMES): what a client that fetches a bundle
     # file by file (a web page) downloads, and the name it passes ONNX Runtime for model_data.
     files: dict[str, str] = field(default_factory=dict)
@@ -169,6 +177,8 @@ class Manifest:
                 slots=_count(obj.get("slots", 1)),
                 adapter=None if obj.get("adapter") is None else dict(obj["adapter"]),
                 gradient_file=None if obj.get("gradient_file") is None else _str(obj["gradient_file"]),
+                gradient_tensors=None if obj.get("gradient_tensors") is None
+                else tuple(_str(n) for n in obj["gradient_tensors"]),
                 files={_str(k): _str(v) for k, v in obj["files"].items()} if version >= 3 else _implied_files(obj),
                 format_version=version,
             )
@@ -203,6 +213,11 @@ class Manifest:
         if n != self.buffer_elements or [t.offset for t in specs] != [t.offset for t in self.trainable]:
             raise BundleError(f"{where}: the trainable tensors are not laid out as the format defines (each on the "
                               f"next 64-byte boundary, buffer_elements {n}); re-export the bundle")
+        if self.gradient_tensors is not None:
+            names = [t.name for t in self.trainable]
+            if [x for x in names if x in self.gradient_tensors] != list(self.gradient_tensors):
+                raise BundleError(f"{where}: gradient_tensors must be trainable tensors in manifest order, got "
+                                  f"{list(self.gradient_tensors)[:3]}...; re-export the bundle")
 
 
 def _implied_files(obj: dict[str, Any]) -> dict[str, str]:

@@ -1,14 +1,19 @@
 """ONNX Runtime session over a bundle's gradient graph: the loss and its exact gradient, with no autograd.
 
-``gradients.onnx`` (``pocketzo export --gradients``) takes the loss graph's inputs and outputs ``loss``
-and ``grad/<name>`` for every trainable tensor. Both sides are bound ONCE to flat float32 buffers of
-the same layout: the weights are read from the training buffer (zero-copy, as in ``session``) and
-ONNX Runtime writes each gradient straight into its place in ``gradient``, so an optimizer step is
-a fused pass over two flat buffers.
+``gradients.onnx`` (``pocketzo export --gradients``) takes the loss graph's inputs and gives its outputs,
+plus ``grad/<name>`` for each tensor of the manifest's ``gradient_tensors``. Its backward pass sits behind
+the boolean input ``compute_gradients``: ``backward`` feeds true, ``run`` feeds false and costs one
+forward, so this one session serves training, evaluation and a hybrid step's ZO points, and the frozen
+weights are held once (a second, loss-graph session would hold them again).
+
+The weights are read from the training buffer (zero-copy, as in ``session``) and ONNX Runtime writes each
+gradient straight into its place in ``gradient``, a flat float32 buffer of the same layout (zeros for the
+tensors without an exact gradient), so an optimizer step is a fused pass over two flat buffers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -16,59 +21,93 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from pocketzo.errors import BundleError
-from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.bundle import GRADIENT_PREFIX, GRADIENT_SWITCH, Bundle
 from pocketzo.runtime.session import FlatParameters, SessionConfig
 
-GRAD_PREFIX = "grad/"
+USER_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 class GradientSession:
-    """Runs the bundle's gradient graph over ``params``; gradients land in ``self.gradient``."""
+    """Runs the bundle's gradient graph over ``params``: ``backward`` fills ``self.gradient``, ``run`` is a
+    forward pass with the interface of ``TrainingSession.run``."""
+
+    slots = 1  # a gradient graph is exported without perturbation slots
 
     def __init__(self, bundle: Bundle, config: SessionConfig, params: FlatParameters):
         path = bundle.gradient_path
         if path is None:
             raise BundleError(f"{bundle.path}: has no gradient graph; export it with `pocketzo export --gradients` "
-                              "to train with exact gradients (--method fo)")
-        self.bundle, self.params, self.model_path = bundle, params, path
+                              "to train with exact gradients (--method fo / hybrid)")
+        if bundle.manifest.format_version < 4:
+            raise BundleError(f"{path}: a gradient graph of bundle format {bundle.manifest.format_version} (no "
+                              f"{GRADIENT_SWITCH} input); re-export the bundle with `pocketzo export --gradients`")
+        self.bundle, self.config, self.params, self.model_path = bundle, config, params, path
         # Without the arena and memory patterns SmolLM2's gradient graph (16 x 64, norms) peaked at 2.9 GB instead
-        # of 4.4 GB and ran as fast (1.82 vs 1.9 s; export/gradients measurements, 2026-12-01).
+        # of 4.4 GB and ran as fast (1.82 vs 1.9 s; 2026-12-01); without prepacked weight copies at 3.1 GB
+        # instead of 3.6 GB, forward and backward as fast (2026-12-02, 4 runs each).
         options = replace(config, cpu_mem_arena=False, mem_pattern=False).session_options()
+        options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own unrelated exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
+        exact = bundle.manifest.gradient_tensors
+        self.exact: tuple[str, ...] = tuple(s.name for s in params.specs) if exact is None else exact
         outputs = {o.name for o in self.session.get_outputs()}
-        missing = [s.name for s in params.specs if GRAD_PREFIX + s.name not in outputs]
-        if missing or "loss" not in outputs:
-            raise BundleError(f"{path}: lacks the outputs loss / {GRAD_PREFIX}<name> for {missing[:3]}; re-export "
-                              "the bundle")
+        inputs = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in self.exact if GRADIENT_PREFIX + n not in outputs]
+        missing += [n for n in params.views if n not in inputs]
+        if missing or "loss" not in outputs or GRADIENT_SWITCH not in inputs:
+            raise BundleError(f"{path}: lacks the inputs / outputs loss, {GRADIENT_SWITCH} or those of "
+                              f"{missing[:3]}; the bundle is inconsistent, re-export it")
         self.gradient = FlatParameters(params.specs, params.buffer.shape[0])
-        self._binding = self.session.io_binding()
-        self._values = {}  # the OrtValues must outlive the binding
+        self.gradient.buffer[:] = 0.0  # tensors without an exact gradient stay zero
+        self._values = {}  # the OrtValues must outlive the bindings
+        self._backward = self.session.io_binding()
+        self._forward = self.session.io_binding()
         for name, view in params.views.items():
             self._values[name] = ort.OrtValue.ortvalue_from_numpy(view)
-            self._binding.bind_ortvalue_input(name, self._values[name])
-        for name, view in self.gradient.views.items():
-            self._values[GRAD_PREFIX + name] = ort.OrtValue.ortvalue_from_numpy(view)
-            self._binding.bind_ortvalue_output(GRAD_PREFIX + name, self._values[GRAD_PREFIX + name])
+            self._backward.bind_ortvalue_input(name, self._values[name])
+            self._forward.bind_ortvalue_input(name, self._values[name])
+        for name in self.exact:
+            key = GRADIENT_PREFIX + name
+            self._values[key] = ort.OrtValue.ortvalue_from_numpy(self.gradient.views[name])
+            self._backward.bind_ortvalue_output(key, self._values[key])
         self._loss = np.zeros((), np.float32)
         self._values["loss"] = ort.OrtValue.ortvalue_from_numpy(self._loss)
-        self._binding.bind_ortvalue_output("loss", self._values["loss"])
+        self._backward.bind_ortvalue_output("loss", self._values["loss"])
+        self._switch = {True: np.array(True), False: np.array(False)}  # bound by pointer: kept alive here
+        self._backward.bind_cpu_input(GRADIENT_SWITCH, self._switch[True])
+        self._forward.bind_cpu_input(GRADIENT_SWITCH, self._switch[False])
+
+    def backward(self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64],
+                 labels: npt.NDArray[np.int64]) -> float:
+        """One forward and backward pass at the buffer's current weights; returns the loss, fills ``gradient``."""
+        self._execute(self._backward, _feeds(input_ids, attention_mask, labels))
+        return float(self._loss)
 
     def run(self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64],
-            labels: npt.NDArray[np.int64]) -> float:
-        """One forward and backward pass at the buffer's current weights; returns the loss, fills ``gradient``."""
-        feeds = {name: np.ascontiguousarray(a, dtype=np.int64)
-                 for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))}
-        for name, array in feeds.items():
-            self._binding.bind_cpu_input(name, array)
+            labels: npt.NDArray[np.int64], outputs: Sequence[str] = ("loss",)) -> dict[str, np.ndarray]:
+        """One forward pass (the backward is switched off): the requested outputs of the loss graph."""
+        b = self._forward
+        b.clear_binding_outputs()  # shapes follow the batch
+        for name in outputs:
+            b.bind_output(name, "cpu")
+        self._execute(b, _feeds(input_ids, attention_mask, labels))
+        return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))
+
+    def _execute(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> None:
+        for name, array in feeds.items():  # ORT binds these by pointer: the caller keeps them alive
+            binding.bind_cpu_input(name, array)
         try:
-            self.session.run_with_iobinding(self._binding)
+            self.session.run_with_iobinding(binding)
         except Exception as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             reason = lines[-1][:300] if lines else type(e).__name__
             raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape "
                               f"{feeds['input_ids'].shape} ({reason})") from None
-        return float(self._loss)
+
+
+def _feeds(*arrays: npt.NDArray[np.int64]) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(a, dtype=np.int64) for name, a in zip(USER_INPUTS, arrays, strict=True)}

@@ -7,6 +7,9 @@ is regenerated from its seed wherever it is needed (``noise``), so a plan is a h
                 (+ theta first, with curvature)      c_j = |L+ + L- - 2 L(theta)| / (2 eps^2)
     one-sided   theta, then theta + eps z_j          g_j = (L_j - L(theta)) / eps          q + 1
     exact       theta, with its gradient             the gradient graph's g              1 forward+backward
+    hybrid      exact at theta, then the ZO points   exact g above the graph's cut, the   1 forward+backward
+                of one- or two-sided (perturbing     one- or two-sided g_j below it       + q or 2q forwards
+                only the tensors below the cut)      (one-sided: L(theta) from the exact point)
 
 An evaluator (``evaluators``) returns one loss per point, in plan order; the estimate goes to an
 update rule (``updates``). Replay feeds logged losses to the same ``estimate``.
@@ -140,9 +143,31 @@ class ExactGradient(Estimator):
         return Estimate((), (), gradient=gradient, grad_norm=math.sqrt(float(np.dot(gradient, gradient))))
 
 
+class Hybrid(Estimator):
+    """The exact point, then one-sided or two-sided ZO points (which the evaluator applies only to the
+    tensors without an exact gradient): an estimate with both the exact gradient and the g_j."""
+
+    def __init__(self, run_seed: int, directions: int, two_sided: bool):
+        super().__init__(run_seed, directions)
+        self.zo: Estimator = TwoSided(run_seed, directions) if two_sided else OneSided(run_seed, directions)
+
+    def plan(self, step: int, eps: float) -> Plan:
+        zo = self.zo.plan(step, eps)
+        return Plan(step, eps, zo.seeds, (Point("gradient"), *(p for p in zo.points if p.role != "theta")))
+
+    def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
+                 ) -> Estimate:
+        exact = ExactGradient().estimate(plan, losses[:1], gradient)
+        zo_plan = self.zo.plan(plan.step, plan.eps)  # one-sided: theta first, whose loss the exact point gave
+        zo = self.zo.estimate(zo_plan, losses if zo_plan.points[0].role == "theta" else losses[1:])
+        return Estimate(plan.seeds, zo.grads, gradient=exact.gradient, grad_norm=exact.grad_norm)
+
+
 def make_estimator(method: Method) -> Estimator:
     if method.method == "fo":
         return ExactGradient()
+    if method.method == "hybrid":
+        return Hybrid(method.seed, method.directions, two_sided=method.estimator == "two-sided")
     if method.estimator == "one-sided":
         return OneSided(method.seed, method.directions)
     return TwoSided(method.seed, method.directions, curvature=method.curvature > 0)

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pocketzo.runtime.data import IGNORE, Dataset
+from pocketzo.runtime.gradient_session import GradientSession
 from pocketzo.runtime.session import TrainingSession
 
 
@@ -35,7 +36,7 @@ def macro_f1(y_true: npt.NDArray[np.int64], y_pred: npt.NDArray[np.int64], n_cla
     return float(np.mean(scores))
 
 
-def evaluate(session: TrainingSession, data: Dataset, batch_size: int = 32) -> EvalResult:
+def evaluate(session: TrainingSession | GradientSession, data: Dataset, batch_size: int = 32) -> EvalResult:
     """One pass over ``data`` in length-sorted batches (less padding); the prediction of a classify
     row is the label with the lowest loss (``candidate_loss``), as in MeZO's prompt classification."""
     task = session.bundle.task

@@ -14,7 +14,8 @@ Both take the forward pass as a function, so replay runs the same passes over th
 losses instead of a session (``replay``).
 
     gradient     runs the bundle's gradient graph at theta (a plan of one "gradient" point): the loss,
-                 and the exact gradient written by ONNX Runtime into a flat buffer of theta's layout.
+                 and the exact gradient written by ONNX Runtime into a flat buffer of theta's layout;
+                 hybrid plans then add ZO points on the tensors the graph does not differentiate.
 
 The interface leaves room for a frozen-trunk evaluator: it runs the trunk once per batch, then the
 plan's points on a head graph, in either of the first two ways.
@@ -184,27 +185,45 @@ class SlottedEvaluator:
 
 
 GradientRun = Callable[[Batch | None], float]  # one forward+backward at the buffer's weights; fills the gradient
+ForwardRun = Callable[[Batch | None], float]  # one forward at the buffer's weights: the loss
 
 
 class GradientEvaluator:
-    """The exact gradient at theta from the gradient graph; updates are applied to theta at once."""
+    """The exact gradient at theta from the gradient graph; updates are applied to theta at once.
 
-    def __init__(self, params: FlatParameters, gradient: FlatParameters, noise: Noise, run: GradientRun):
-        self.theta, self.gradient, self._run = params, gradient, run
+    Hybrid (``zo_elements`` > 0): the plan's other points perturb only the buffer's first ``zo_elements``
+    weights (the tensors below the gradient graph's cut, a prefix of the layout), each measured by one
+    ``forward`` and removed again by the opposite noise pass, as MeZO restores (theta comes back up to
+    float32 rounding, the same in every run)."""
+
+    def __init__(self, params: FlatParameters, gradient: FlatParameters, noise: Noise, backward: GradientRun,
+                 forward: ForwardRun | None = None, zo_elements: int = 0):
+        self.theta, self.gradient, self._backward, self._forward = params, gradient, backward, forward
         self.perturber = noise.perturber(params.buffer)  # its chunked passes carry the dense update
+        self.zo_perturber = (Perturber(params.buffer[:zo_elements], noise.distribution, noise.threads)
+                             if zo_elements else None)
 
     def evaluate(self, plan: Plan, batch: Batch | None) -> Evaluation:
-        if [p.role for p in plan.points] != ["gradient"]:
-            raise ValueError("the gradient backend evaluates plans of one exact-gradient point")
+        roles = [p.role for p in plan.points]
+        if roles[:1] != ["gradient"] or (len(roles) > 1 and (self.zo_perturber is None or self._forward is None)):
+            raise ValueError("the gradient backend evaluates an exact-gradient point, then (hybrid) ZO points")
         t = time.perf_counter()
-        loss = self._run(batch)
-        return Evaluation((loss,), time.perf_counter() - t, self.gradient.buffer)
+        losses = [self._backward(batch)]
+        for point in plan.points[1:]:
+            self.zo_perturber.add(point.seed, point.coef)
+            try:
+                losses.append(self._forward(batch))
+            finally:
+                self.zo_perturber.add(point.seed, -point.coef)
+        return Evaluation(tuple(losses), time.perf_counter() - t, self.gradient.buffer)
 
     def update(self, ops: Sequence[Op]) -> None:
         self.perturber.apply(*ops)
 
     def sync(self) -> None:
-        pass  # theta is never perturbed
+        pass  # theta is restored after every ZO point
 
     def close(self) -> None:
         self.perturber.close()
+        if self.zo_perturber is not None:
+            self.zo_perturber.close()

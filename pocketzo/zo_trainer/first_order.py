@@ -6,6 +6,10 @@ the weights, the gradient and the optimizer state (the gradient comes from the b
     adamw    m = 0.9 m + 0.1 g;  v = 0.999 v + 0.001 g^2;  theta -= lr m_hat / (sqrt(v_hat) + 1e-8)
     both     decoupled weight decay theta -= lr wd theta on matrices (decay=True in the manifest);
              --grad-clip c scales g by min(1, c / |g|) first (|g| the global L2 norm)
+    hybrid   g is the exact gradient above the gradient graph's cut and the ZO estimate
+             (1/q) sum_j g_j z_j below it (the first ``zo_elements`` of the buffer, where the exact
+             gradient is zero); z_j is regenerated chunk by chunk inside the same pass. The clip
+             scales the exact part only.
 
 Memory beyond the weights (n = trainable elements, float32): the gradient buffer n; sgd with momentum n
 more, adamw 2n; scratch one chunk (sgd) or two (adamw) per thread. A first-order run is rebuilt from its
@@ -23,7 +27,7 @@ import numpy.typing as npt
 from pocketzo.runtime.session import FlatParameters
 from pocketzo.zo_trainer.estimators import Estimate
 from pocketzo.zo_trainer.method import Method
-from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, ChunkOp, Perturber
+from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, ChunkOp, Perturber, fill_noise
 from pocketzo.zo_trainer.updates import State
 
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -48,8 +52,8 @@ def first_order_bytes(method: Method, elements: int, threads: int) -> int:
 class FirstOrderRule:
     """(exact gradient, lr) -> one ``DenseUpdate`` pass; owns m and v."""
 
-    def __init__(self, method: Method, theta: FlatParameters, threads: int):
-        self.method = method
+    def __init__(self, method: Method, theta: FlatParameters, threads: int, zo_elements: int = 0):
+        self.method, self.zo_elements = method, zo_elements
         self.state = first_order_state(theta, method, threads)
 
     def ops(self, estimate: Estimate, lr: float) -> tuple[ChunkOp, ...]:
@@ -58,7 +62,8 @@ class FirstOrderRule:
         scale = 1.0
         if m.grad_clip and estimate.grad_norm > m.grad_clip:
             scale = m.grad_clip / estimate.grad_norm
-        return (DenseUpdate(m, st, estimate.gradient, lr, scale),)
+        zo = tuple((seed, g / len(estimate.seeds)) for seed, g in zip(estimate.seeds, estimate.grads, strict=True))
+        return (DenseUpdate(m, st, estimate.gradient, lr, scale, zo, self.zo_elements),)
 
 
 @dataclass
@@ -70,6 +75,8 @@ class DenseUpdate:
     gradient: npt.NDArray[np.float32]
     lr: float
     clip_scale: float
+    zo: tuple[tuple[int, float], ...] = ()  # hybrid: (seed, g_j / q) of each direction
+    zo_elements: int = 0  # hybrid: the buffer's first elements get the ZO estimate
 
     def apply_chunk(self, p: Perturber, chunk: int, theta: npt.NDArray[np.float32], z: npt.NDArray[np.float32],
                     worker: int) -> None:
@@ -79,6 +86,10 @@ class DenseUpdate:
         per_thread = 2 if adam else 1
         g = st.scratch[per_thread * worker][:n]
         np.multiply(self.gradient[start : start + n], np.float32(self.clip_scale), out=g)
+        below = min(n, self.zo_elements - start)  # z of the chunk's length in the ZO perturber's buffer
+        for seed, coef in self.zo if below > 0 else ():
+            fill_noise(seed, chunk, p.distribution, z[:below], coef)
+            g[:below] += z[:below]
         if m.weight_decay:  # decoupled: on the weights before this step's update
             d = np.float32(1.0 - self.lr * m.weight_decay)
             for a, b in p.decay_ranges(chunk):

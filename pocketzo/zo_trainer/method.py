@@ -16,7 +16,7 @@ from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
 
 Schedule = Literal["constant", "linear", "cosine"]
 EstimatorKind = Literal["two-sided", "one-sided"]
-Order = Literal["zo", "fo"]
+Order = Literal["zo", "fo", "hybrid"]
 Optimizer = Literal["sgd", "adamw"]
 METHOD_VERSION = 3  # 3: Method and RunPolicy split, one record per step; 2: Box-Muller Gaussian noise
 
@@ -27,6 +27,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "best": {"adaptive": True, "lr": 1e-3},
     "zo-sgd": {},  # MeZO's ZO-SGD: one two-sided direction, plain update
     "fo-adamw": {"method": "fo", "optimizer": "adamw", "lr": 1e-3},  # exact gradients (export --gradients)
+    # exact gradients for the top layers (export --gradient-layers K), one-sided ZO for the tensors below
+    "hybrid-adamw": {"method": "hybrid", "optimizer": "adamw", "lr": 1e-3, "estimator": "one-sided"},
 }
 DEFAULT_RECIPE = "best"
 
@@ -47,9 +49,11 @@ class Method:
     """
 
     steps: int
-    method: Order = "zo"  # zo: forward passes only (MeZO); fo: exact gradients from the bundle's gradient graph
+    # zo: forward passes only (MeZO); fo: exact gradients from the bundle's gradient graph; hybrid: exact
+    # gradients for the tensors the gradient graph differentiates, ZO estimates for the others, one update
+    method: Order = "zo"
     optimizer: Optimizer = "sgd"  # fo: sgd (with --momentum) or adamw (betas 0.9, 0.999); zo: sgd and its options
-    grad_clip: float = 0.0  # fo: clip the gradient's global L2 norm to this (0: off)
+    grad_clip: float = 0.0  # fo, hybrid: clip the exact gradient's global L2 norm to this (0: off)
     lr: float = 1e-4
     eps: float = 1e-3
     batch_size: int = 16
@@ -90,14 +94,16 @@ class Method:
             (self.curvature == 0 or self.perturbation == "gaussian", "curvature needs --perturbation gaussian: "
              "with +-1 noise z_i^2 = 1 and every weight would get the same curvature"),
             (0 <= self.eps_end <= self.eps and math.isfinite(self.eps_end), "eps_end must be in [0, eps]"),
-            (self.method in ("zo", "fo"), "method must be zo or fo"),
+            (self.method in ("zo", "fo", "hybrid"), "method must be zo, fo or hybrid"),
             (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
             (self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip must be a finite number >= 0"),
-            (self.method == "fo" or (self.optimizer == "sgd" and not self.grad_clip), "--optimizer adamw and "
-             "--grad-clip need --method fo (ZO's Adam-like rule is --adaptive)"),
-            (self.method == "zo" or not (self.directions != 1 or self.estimator != "two-sided" or self.adaptive
-                                         or self.sign or self.sparsity or self.curvature or self.eps_end),
-             "--method fo takes the exact gradient: no --directions, --estimator, --adaptive, --sign, --sparsity, "
+            (self.method != "zo" or (self.optimizer == "sgd" and not self.grad_clip), "--optimizer adamw and "
+             "--grad-clip need --method fo or hybrid (ZO's Adam-like rule is --adaptive)"),
+            (self.method != "fo" or not (self.directions != 1 or self.estimator != "two-sided"),
+             "--method fo takes the exact gradient: no --directions or --estimator"),
+            (self.method == "zo" or not (self.adaptive or self.sign or self.sparsity or self.curvature
+                                         or self.eps_end),
+             f"--method {self.method} updates with the optimizer: no --adaptive, --sign, --sparsity, "
              "--curvature or --eps-end"),
             (self.method == "zo" or self.optimizer == "sgd" or not self.momentum,
              "--momentum is SGD's; AdamW's first moment is fixed at 0.9"),
@@ -129,10 +135,16 @@ class Method:
     @property
     def measures_theta(self) -> bool:
         """Whether a step evaluates L(theta) itself (one-sided estimates, curvature, exact gradients)."""
-        return self.estimator == "one-sided" or self.curvature > 0 or self.method == "fo"
+        return self.estimator == "one-sided" or self.curvature > 0 or self.method != "zo"
+
+    @property
+    def first_order(self) -> bool:
+        """Whether a step runs the gradient graph and updates with ``optimizer`` (fo, hybrid)."""
+        return self.method != "zo"
 
     def forwards_per_step(self) -> int:
-        """Points a step evaluates: forward passes on a bundle without slots (fo: one forward+backward)."""
+        """Points a step evaluates: forward passes on a bundle without slots (fo: one forward+backward;
+        hybrid: that, then one or two forwards per ZO direction)."""
         if self.method == "fo":
             return 1
         per_direction = 2 if self.estimator == "two-sided" else 1

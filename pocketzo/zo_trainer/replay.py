@@ -54,9 +54,9 @@ class LoggedLosses:
 
 def replay(params: FlatParameters, method: Method, records: list[StepRecord], slots: int = 1) -> None:
     """Re-apply logged steps to ``params`` (the initial weights) without any forward pass."""
-    if method.method == "fo":
-        raise PocketzoError("a first-order run (--method fo) is not in its log: its gradients are not logged; "
-                            "its checkpoints and final weights are the record")
+    if method.first_order:
+        raise PocketzoError(f"a run with exact gradients (--method {method.method}) is not in its log: its gradients "
+                            "are not logged; its checkpoints and final weights are the record")
     method = resolve_directions(method, slots)
     logged = LoggedLosses(records)
     trainer = build_trainer(params, slots, method, 1, logged.point if slots == 1 else logged.plan)

@@ -25,8 +25,9 @@ from pocketzo._progress import Progress
 from pocketzo.errors import DataError, PocketzoError, RunInterrupted, TrainingError
 from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
-from pocketzo.runtime.data import Dataset, TextEncoder
-from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
+from pocketzo.runtime.data import Batch, Dataset, TextEncoder
+from pocketzo.runtime.gradient_session import GradientSession
+from pocketzo.runtime.session import SessionConfig
 from pocketzo.zo_trainer.checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -41,7 +42,7 @@ from pocketzo.zo_trainer.monitor import RunMonitor
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
 from pocketzo.zo_trainer.rundir import SUMMARY, WEIGHTS, RunConfig, check_same_run, prepare_dir
 from pocketzo.zo_trainer.steplog import LOG, LOG_BIN, pack_record, read_log, start_logs
-from pocketzo.zo_trainer.trainer import StepRecord, make_trainer, resolve_directions
+from pocketzo.zo_trainer.trainer import Session, StepRecord, make_trainer, open_session, resolve_directions
 from pocketzo.zo_trainer.updates import state_bytes
 
 
@@ -74,21 +75,29 @@ def load_data(encoder: TextEncoder, path: str | Path) -> Dataset:
     return data
 
 
-def check_memory(session: TrainingSession, data: Dataset, method: Method, policy: RunPolicy) -> dict:
-    """Estimate the run's peak memory against ``policy.memory_budget``: the RSS after a probe forward on the
-    longest rows of the largest batch the run will send (P x batch rows with P slots), plus what the trainer
+def check_memory(session: Session, data: Dataset, method: Method, policy: RunPolicy) -> dict:
+    """Estimate the run's peak memory against ``policy.memory_budget``: the peak RSS over probe runs on the
+    longest rows of the largest batches the run will send (P x batch rows with P slots; fo and hybrid: a
+    forward+backward at the batch size and a forward at the evaluation batch size), plus what the trainer
     allocates beyond the session (optimizer state, the slotted theta and work copies, noise scratch)."""
     limit_mb = parse_bytes(policy.memory_budget) / 1e6
     slots = session.slots
     rows = max(slots * method.batch_size, policy.eval_batch_size)
-    longest = np.argsort([-len(ids) for ids in data.ids], kind="stable")[:rows]
-    b = data.batch(np.resize(longest, rows))  # a data set smaller than the batch is sampled with repeats
+
+    def longest(n: int) -> Batch:  # a data set smaller than the batch is sampled with repeats
+        return data.batch(np.resize(np.argsort([-len(ids) for ids in data.ids], kind="stable")[:n], n))
+
+    b = longest(rows)
     session.run(b.input_ids, b.attention_mask, b.labels)
+    if isinstance(session, GradientSession):
+        g = longest(method.batch_size)
+        session.backward(g.input_ids, g.attention_mask, g.labels)
     threads = policy.threads or os.cpu_count() or 1
     theta = session.params.buffer.shape[0] // slots  # the one-slot layout, up to alignment padding
     perturbers = 1 if slots == 1 else 2
-    if method.method == "fo":  # the gradient buffer and m, v (the gradient graph's activations are not probed)
-        trainer_bytes = first_order_bytes(method, theta, threads)
+    if method.first_order:  # the gradient buffer, m, v and scratch (hybrid: a second perturber's scratch)
+        trainer_bytes = first_order_bytes(method, theta, threads) + (threads * CHUNK_ELEMENTS * 4
+                                                                     if method.method == "hybrid" else 0)
     else:
         trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
                          + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
@@ -104,7 +113,7 @@ def check_memory(session: TrainingSession, data: Dataset, method: Method, policy
 class _Loop:
     """The state of one run: session, trainer, data and what has been measured so far."""
 
-    def __init__(self, session: TrainingSession, method: Method, policy: RunPolicy, train_data: Dataset,
+    def __init__(self, session: Session, method: Method, policy: RunPolicy, train_data: Dataset,
                  eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
         self.session, self.method, self.policy = session, method, policy
         self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
@@ -271,7 +280,7 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
     encoder = TextEncoder(bundle)
     train_data = load_data(encoder, rc.train_data)
     eval_data = load_data(encoder, rc.eval_data) if rc.eval_data else None
-    session = TrainingSession(bundle, rc.session, FlatParameters.from_bundle(bundle))
+    session = open_session(bundle, rc.session, method)
     memory = check_memory(session, train_data, method, policy) if policy.memory_budget else None
     checkpoint = None
     if start:

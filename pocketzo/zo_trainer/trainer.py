@@ -24,12 +24,14 @@ from typing import Literal
 
 import numpy as np
 
+from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Batch
 from pocketzo.runtime.gradient_session import GradientSession
-from pocketzo.runtime.session import FlatParameters, TrainingSession
+from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
 from pocketzo.zo_trainer.estimators import Estimate, Estimator, Plan, Point, make_estimator
 from pocketzo.zo_trainer.evaluators import (
     Evaluator,
+    ForwardRun,
     GradientEvaluator,
     GradientRun,
     Noise,
@@ -169,26 +171,70 @@ def build_trainer(params: FlatParameters, slots: int, method: Method, threads: i
     return Trainer(method, make_estimator(method), evaluator, rule)
 
 
-def build_first_order_trainer(params: FlatParameters, gradient: FlatParameters, run: GradientRun, method: Method,
-                              threads: int) -> Trainer:
-    """A trainer that steps with exact gradients (``--method fo``): ``run(batch)`` is one forward+backward at
-    ``params`` that returns the loss and writes d loss / d params into ``gradient``."""
+def build_first_order_trainer(params: FlatParameters, gradient: FlatParameters, backward: GradientRun, method: Method,
+                              threads: int, forward: ForwardRun | None = None, zo_elements: int = 0) -> Trainer:
+    """A trainer that steps with exact gradients (``--method fo``): ``backward(batch)`` is one forward+backward
+    at ``params`` that returns the loss and writes d loss / d params into ``gradient``. Hybrid: the buffer's
+    first ``zo_elements`` have no exact gradient and are estimated from ``forward(batch)`` losses."""
     threads = threads or os.cpu_count() or 1
-    rule = FirstOrderRule(method, params, threads)
+    rule = FirstOrderRule(method, params, threads, zo_elements)
     decay = tuple(params.segments(decay=True)) if method.weight_decay > 0 else ()
-    evaluator = GradientEvaluator(params, gradient, Noise(method.perturbation, threads, decay), run)
+    evaluator = GradientEvaluator(params, gradient, Noise(method.perturbation, threads, decay), backward, forward,
+                                  zo_elements)
     return Trainer(method, make_estimator(method), evaluator, rule)
 
 
-def make_trainer(session: TrainingSession, method: Method, threads: int = 0) -> Trainer:
-    """The trainer of a session: sequential, slotted when the bundle has perturbation slots, or first-order
-    over the bundle's gradient graph (sharing the session's weight buffer)."""
-    if method.method == "fo":
-        if session.slots > 1:
-            raise ValueError("--method fo trains one copy of the weights: export the bundle without --slots")
-        grads = GradientSession(session.bundle, session.config, session.params)
-        return build_first_order_trainer(session.params, grads.gradient,
-                                         lambda b: grads.run(b.input_ids, b.attention_mask, b.labels), method, threads)
+Session = TrainingSession | GradientSession
+
+
+def open_session(bundle: Bundle, config: SessionConfig, method: Method,
+                 params: FlatParameters | None = None) -> Session:
+    """The session a method trains with: the loss graph for ZO, the gradient graph for fo and hybrid (which
+    also evaluates, with its backward pass switched off, so the frozen weights are loaded once)."""
+    params = params if params is not None else FlatParameters.from_bundle(bundle)
+    if not method.first_order:
+        return TrainingSession(bundle, config, params)
+    if bundle.manifest.slots > 1:
+        raise ValueError(f"--method {method.method} trains one copy of the weights: export the bundle without --slots")
+    return GradientSession(bundle, config, params)
+
+
+def hybrid_split(session: GradientSession) -> int:
+    """The length of the buffer's prefix without an exact gradient: the tensors a hybrid step estimates."""
+    specs = session.params.specs
+    first = next((i for i, s in enumerate(specs) if s.name in session.exact), len(specs))
+    if any(s.name not in session.exact for s in specs[first:]):
+        raise ValueError("--method hybrid needs the exactly differentiated tensors to be the last ones; re-export "
+                         "with --gradient-layers K")
+    return specs[first].offset if first < len(specs) else session.params.buffer.shape[0]
+
+
+def make_trainer(session: Session, method: Method, threads: int = 0) -> Trainer:
+    """The trainer of a session (``open_session``): sequential, slotted when the bundle has perturbation
+    slots, or first-order / hybrid over the bundle's gradient graph (sharing the session's weight buffer)."""
+    if method.first_order:
+        if not isinstance(session, GradientSession):
+            raise ValueError(f"--method {method.method} runs on the gradient graph: open it with open_session")
+        split = 0
+        if method.method == "hybrid":
+            split = hybrid_split(session)
+            if split == 0:
+                raise ValueError(f"{session.bundle.path}: its gradient graph differentiates every trainable tensor, "
+                                 "so --method hybrid has nothing to estimate; use --method fo, or re-export with "
+                                 "--gradient-layers K")
+        elif len(session.exact) < len(session.params.specs):
+            raise ValueError(f"{session.bundle.path}: its gradient graph differentiates {len(session.exact)} of "
+                             f"{len(session.params.specs)} trainable tensors (--gradient-layers); train it with "
+                             "--method hybrid")
+
+        def forward(b: Batch) -> float:
+            return float(session.run(b.input_ids, b.attention_mask, b.labels)["loss"])
+
+        return build_first_order_trainer(session.params, session.gradient,
+                                         lambda b: session.backward(b.input_ids, b.attention_mask, b.labels),
+                                         method, threads, forward, split)
+    if isinstance(session, GradientSession):
+        raise ValueError("--method zo runs on the loss graph: open it with open_session")
     method = resolve_directions(method, session.slots)
     if session.slots == 1:
         def point_loss(plan: Plan, point: Point, b: Batch) -> float:

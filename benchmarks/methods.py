@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "methods"
+WORK = ROOT / "benchmarks" / "work" / "methods"
 REPORT = ROOT / "docs" / "methods.md"
 EVAL_ROWS = 500
 THREADS = 2
@@ -78,9 +79,9 @@ def ensure_inputs() -> tuple[Path, Path]:
         if not (ROOT / bundle / "manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "pocketzo", "export", str(model), "--out", bundle, *EXPORT, *extra],
                            cwd=ROOT, check=True)
-    test = RESULTS / f"test-{EVAL_ROWS}.jsonl"
+    test = WORK / f"test-{EVAL_ROWS}.jsonl"
     if not test.is_file():
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        WORK.mkdir(parents=True, exist_ok=True)
         rows = (data / "test.jsonl").read_text(encoding="utf-8").splitlines()[:EVAL_ROWS]
         test.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return data / "train.jsonl", test
@@ -121,6 +122,7 @@ def run_one(row: Row, seed: int, train: Path, test: Path) -> None:
     result = run_backprop(seed, train, test) if row.name == "backprop" else run_pocketzo(row, seed, train, test)
     result = {"row": row.name, "seed": seed, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {THREADS} threads", **result}
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{row.name}-s{seed}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -15,8 +15,8 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
         return "–"
     mean = statistics.fmean(values) * scale
     if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+        return f"{mean:,.{digits}f}"
+    return f"{mean:,.{digits}f} ± {statistics.stdev(values) * scale:,.{digits}f}"
 
 
 def at_seconds(curve: list[dict], seconds: float) -> float | None:
@@ -27,6 +27,44 @@ def at_seconds(curve: list[dict], seconds: float) -> float | None:
 
 def first_reaching(curve: list[dict], accuracy: float) -> float | None:
     return next((p["train_seconds"] for p in curve if p["accuracy"] >= accuracy), None)
+
+
+def command(row, seed: int | str = "S") -> str:
+    """The command that reproduces a run of ``row`` (a ``methods.Row``)."""
+    if not row.flags:
+        return ("python benchmarks/accuracy_backprop.py --bundle " + row.bundle + " --model "
+                "$CACHE/smollm2-135m-instruct --train $CACHE/data/rotten_tomatoes/train.jsonl --eval "
+                f"benchmarks/work/methods/test-500.jsonl --steps 60 --lr 1e-3 --eval-at 10,20,30,40,50 --seed {seed} "
+                "--threads 2 --json OUT.json")
+    return (f"python -m pocketzo train {row.bundle} --data $CACHE/data/rotten_tomatoes/train.jsonl --eval "
+            f"benchmarks/work/methods/test-500.jsonl --out RUN --batch-size 16 --seed {seed} --threads 2 "
+            + " ".join(row.flags))
+
+
+def _against_targets(runs: dict[str, list[dict]]) -> list[str]:
+    """The exact-gradients issue's targets, read off the runs (FO and hybrid against PyTorch AdamW)."""
+    fo, hybrid, torch = runs.get("fo-adamw"), runs.get("hybrid-adamw"), runs.get("backprop")
+    if not (fo and hybrid and torch):
+        return []
+
+    def median(rs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rs)
+
+    step_fo, step_torch = median(fo, "step_seconds_median"), median(torch, "step_seconds_median")
+    rss_torch = median(torch, "peak_rss_mb")
+    lines = ["", "## Against the targets (exact gradients vs PyTorch AdamW)", "",
+             f"- Accuracy after 60 steps: FO {_fmt([r['curve'][-1]['accuracy'] for r in fo])} %, PyTorch AdamW "
+             f"{_fmt([r['curve'][-1]['accuracy'] for r in torch])} % here (83.6 ± 0.4 over 3 seeds in "
+             "docs/accuracy.md).",
+             f"- Step: FO {step_fo:.2f} s, PyTorch forward + backward + AdamW {step_torch:.2f} s: FO is "
+             f"{step_torch / step_fo:.2f}x as fast" + (" (target: no slower, met)." if step_fo <= step_torch
+                                                      else " (target: no slower, not met)."),
+             ]
+    for name, rs in (("FO", fo), ("hybrid", hybrid)):
+        ratio = median(rs, "peak_rss_mb") / rss_torch
+        lines.append(f"- Peak RSS: {name} {median(rs, 'peak_rss_mb'):,.0f} MB = {ratio:.2f} x PyTorch's "
+                     f"{rss_torch:,.0f} MB (target <= 0.6 x: {'met' if ratio <= 0.6 else 'not met'}).")
+    return lines
 
 
 def write_report(results: Path, report: Path, rows: dict) -> None:
@@ -45,7 +83,9 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
         "classifier, training its 35,136 RMSNorm weights, batch 16 of Rotten Tomatoes train (the same batches for "
         "every method at a seed), accuracy on the first 500 test rows (zero-shot 75.2 %).",
         "",
-        "Training seconds are the sum of the step times (evaluations excluded). A forward-equivalent (FE) is one "
+        "Training seconds are the sum of the step times (evaluations excluded); \"acc @ T s\" is the accuracy at the "
+        "last evaluation within T training seconds, over the seeds whose run lasted that long. A forward-equivalent "
+        "(FE) is one "
         "forward pass of the loss graph on the same batches, "
         + (f"{unit:.3f} s here (the median forward of the ZO-SGD runs)" if unit else "not measured yet")
         + "; FE = training seconds / that time.",
@@ -62,13 +102,17 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
         step = statistics.median(r["step_seconds_median"] for r in got)
         finals = [r["curve"][-1] for r in got]
         train_s = statistics.fmean(f["train_seconds"] for f in finals)
-        cells = [_fmt([a for r in got if (a := at_seconds(r["curve"], b)) is not None]) for b in BUDGETS]
+        cells = []
+        for b in BUDGETS:  # a seed whose run ended before b is left out, and the cell says so
+            seen = [a for r in got if (a := at_seconds(r["curve"], b)) is not None]
+            cells.append(_fmt(seen) + (f" ({len(seen)} of {len(got)})" if 0 < len(seen) < len(got) else ""))
         fe = f"{step / unit:.1f}" if unit else "–"
         at = f"{train_s:.0f} s ({train_s / unit:.0f})" if unit else f"{train_s:.0f} s"
         final = _fmt([f["accuracy"] for f in finals])
         rss = _fmt([r["peak_rss_mb"] for r in got], 1.0, 0)
         lines.append(f"| {name} | {row.what} | {len(got)} | {step:.2f} s | {fe} | " + " | ".join(cells)
                      + f" | **{final}** | {at} | {rss} MB |")
+    lines += _against_targets(runs)
     lines += ["", "## Time to reach ZO-SGD's 4x-budget accuracy", "",
               f"ZO-SGD with 800 forwards ends at {100 * TARGET_ZO_4X:.1f} % (docs/accuracy.md, 3 seeds). Training "
               "seconds until the first evaluation at or above it, per seed (– : not reached):", ""]
@@ -82,11 +126,12 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
         for r in runs.get(name, []):
             points = ", ".join(f"{100 * p['accuracy']:.1f} ({p['train_seconds']:.0f})" for p in r["curve"])
             lines.append(f"- {name} s{r['seed']} ({r['date']}): {points}")
-    lines += ["", "## Reproduce", "", "```", "make bench-methods   # runs every row x seeds 0,1,2 not yet in "
-              "benchmarks/methods/, then writes this page", "```", "", "Commands of the runs:", ""]
-    for name in rows:
-        for r in runs.get(name, [])[:1]:
-            lines.append(f"- {name}: `{r['command']}`")
+    lines += ["", "## Reproduce", "", "```", "make bench-methods   # exports the two gradient bundles once, runs "
+              "every row x seeds 0,1,2 not yet in benchmarks/methods/, then writes this page", "```", "",
+              "One run of each row (`$CACHE` is `~/.cache/pocketzo`; the bundles are exported by "
+              "`benchmarks/methods.py`):", ""]
+    for name, row in rows.items():
+        lines.append(f"- {name}: `{command(row)}`")
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(report)

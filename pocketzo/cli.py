@@ -40,6 +40,8 @@ POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
     "memory_budget": "refuse to start if the run would need more memory than this, e.g. 3G",
     "eval_every": "steps between evaluations of --eval (0: before and after only)",
+    "eval_batch_size": "rows per evaluation batch (fo, hybrid: at most --batch-size, which bounds the gradient "
+                       "graph's memory)",
     "checkpoint_every": "steps between checkpoints (0: only on SIGINT/SIGTERM)",
 }
 

@@ -107,6 +107,7 @@ EXPORTS = {
     "opt-lora-causal-grad": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4, "gradients": True}),
     "llama-prompt-grad": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3,
                                                                  "gradients": True}),
+    "llama-norms-grad-ort": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"gradients": True, "ort": True}),
     # --gradient-layers 1: exact gradients for layer 1's norms and the final norm (--method hybrid)
     "llama-norms-hybrid": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"gradients": True, "gradient_layers": 1}),
 }

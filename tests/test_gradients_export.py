@@ -109,6 +109,36 @@ def test_switched_off_the_gradient_graph_is_the_loss_graph(name, bundles):
     assert any(np.abs(g).max() > 0 for g in on[len(names):])
 
 
+def test_ort_format_gradient_graph_is_checked_and_preferred(bundles):
+    """export --gradients --ort: gradients.ort is named by the manifest, checked against autograd at export,
+    and the runtime loads it (the .onnx when told not to); both give the same loss and gradients."""
+    from pocketzo.runtime.gradient_session import GradientSession
+    from pocketzo.runtime.session import FlatParameters, SessionConfig
+
+    bundle = Bundle(bundles("llama-norms-grad-ort"))
+    m = bundle.manifest
+    assert m.gradient_ort_file == "gradients.ort" == m.files["gradient_ort_model"]
+    assert m.files["required_operators"] == "required_operators.config"
+    assert "If" in (bundle.path / "required_operators.config").read_text()  # one config for both graphs
+    assert m.export["gradient_parity_ort"]["max_error"] <= TOLERANCE
+    rng = np.random.default_rng(0)
+    ids = rng.integers(6, 20, (4, 9))
+    mask = np.ones_like(ids)
+    labels = rng.integers(0, 2, (4,))
+    results = []
+    for prefer_ort in (True, False):
+        session = GradientSession(bundle, SessionConfig(threads=1, prefer_ort=prefer_ort),
+                                  FlatParameters.from_bundle(bundle))
+        assert session.model_path.suffix == (".ort" if prefer_ort else ".onnx")
+        loss = session.backward(ids, mask, labels)
+        forward = float(session.run(ids, mask, labels)["loss"])
+        results.append((loss, forward, session.gradient.buffer.copy()))
+    (a, fa, ga), (b, fb, gb) = results
+    assert a == pytest.approx(b, abs=1e-6) and fa == pytest.approx(a, abs=1e-6) and fb == pytest.approx(b, abs=1e-6)
+    np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
+    assert np.abs(ga).max() > 0
+
+
 def _initial(bundle):
     from safetensors.numpy import load_file
 
@@ -180,7 +210,6 @@ def test_a_wrong_gradient_refuses_the_export_and_names_the_tensor(tiny_models, t
 @pytest.mark.parametrize("kwargs, message", [
     ({"peft": "lora", "slots": 2}, "--gradients with --slots"),
     ({"quantize": "int8"}, "--gradients with --quantize is not supported yet"),
-    ({"ort": True}, "--gradients with --ort is not supported yet"),
 ])
 def test_unsupported_combinations_are_refused(kwargs, message):
     with pytest.raises(ExportError, match=message):

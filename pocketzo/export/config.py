@@ -70,10 +70,10 @@ class ExportConfig:
                     raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
 
     def _check_gradients(self) -> None:
-        """--gradients is exported and checked for plain weights, BitFit, LoRA and prompt tuning, on an fp32 base."""
+        """--gradients is exported and checked for plain weights, BitFit, LoRA and prompt tuning, on an fp32 base
+        (with --ort, in ORT format too)."""
         if self.slots != 1:
             raise ExportError("--gradients with --slots: slots evaluate several perturbed values in one run, "
                               "a gradient needs one; export without --slots")
-        unsupported = [flag for flag, on in (("--quantize", self.quantize != "none"), ("--ort", self.ort)) if on]
-        if unsupported:
-            raise ExportError(f"--gradients with {' / '.join(unsupported)} is not supported yet")
+        if self.quantize != "none":
+            raise ExportError("--gradients with --quantize is not supported yet")

@@ -46,6 +46,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
 MODEL, EXTERNAL_DATA, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["model_data"], FILE_NAMES["trainable"]
 ORT_MODEL, BASE_CONFIG = FILE_NAMES["ort_model"], FILE_NAMES["base_config"]
+GRADIENT_MODEL, GRADIENT_ORT_MODEL = FILE_NAMES["gradient_model"], FILE_NAMES["gradient_ort_model"]
 # A quantized base is checked against the fp32 PyTorch loss too, within 50 % (relative above a loss of 1):
 # that catches a broken graph, not quantization error, which export.quantized.parity and the accuracy
 # tables report (dynamic int8 on SmolLM2-135M is off by 0.35 on the random parity batch, loss 1.23).
@@ -303,13 +304,15 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         # quantizing, which holds the graph about three times over (an OPT-1.3B export was killed otherwise).
         del onnx_program, proto
         gc.collect()
+        exact = lifted
         if config.gradients:
-            exact = (gradients.exact_tensors(lifted, net.config.num_hidden_layers, config.gradient_layers)
-                     if config.gradient_layers else lifted)
+            if config.gradient_layers:
+                exact = gradients.exact_tensors(lifted, net.config.num_hidden_layers, config.gradient_layers)
             grad_parity = gradients.export_gradients(tmp, wrapper, sample, lifted, reference.random_values, exact)
             manifest = Manifest(**{**manifest.__dict__, "gradient_file": gradients.GRADIENT_MODEL,
                                    "gradient_tensors": tuple(exact),
                                    "export": {**manifest.export, "gradient_parity": grad_parity}})
+        grad_head = wrapper if config.gradients and config.ort else None  # the ORT-format gradients' reference
         del wrapper, net, params
         gc.collect()
         if config.quantize != "none":
@@ -322,11 +325,18 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                 "quantized": {**stats, "parity": error}}})
         if config.ort:
             _say("converting to ORT format (ONNX Runtime Mobile)")
-            _convert_to_ort(tmp)
-            manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL))
+            written = _convert_to_ort(tmp)
+            manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL, gradient_ort_file=(
+                GRADIENT_ORT_MODEL if GRADIENT_ORT_MODEL in written else None)))
             parity_ort = parity.check(tmp, reference, sample, config.parity_tolerance if config.quantize == "none"
                                       else QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
+            if GRADIENT_ORT_MODEL in written:
+                _say("checking the ORT-format gradients: ONNX Runtime vs PyTorch autograd")
+                grad_ort = gradients.check_gradients(tmp / GRADIENT_ORT_MODEL, grad_head, sample, exact,
+                                                     reference.random_values, trainable=lifted)
+                manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export,
+                                                                       "gradient_parity_ort": grad_ort}})
         manifest = _write_manifest(tmp, manifest)
     _say(f"wrote {out} ({n_specs} trainable tensors, {n_params:,} parameters; "
          f"parity error {checked['abs_error']:.2e})")
@@ -345,23 +355,32 @@ def _write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def _convert_to_ort(bundle_dir: Path) -> None:
-    """model.onnx -> model.ort + required_operators.config, with ONNX Runtime's own converter.
+def _convert_to_ort(bundle_dir: Path) -> list[str]:
+    """model.onnx (and gradients.onnx) -> model.ort (gradients.ort) + one required_operators.config for
+    both, with ONNX Runtime's own converter; returns the .ort files written.
 
-    'Fixed' optimizations for the arm target: the graph is optimized once, here, as a phone's
+    'Fixed' optimizations for the arm target: the graphs are optimized once, here, as a phone's
     ONNX Runtime would, and the trainable weights stay graph inputs.
     """
-    work = bundle_dir / ".ort"
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(bundle_dir / MODEL),
+    sources, work = bundle_dir / ".ort-in", bundle_dir / ".ort"
+    sources.mkdir()
+    for name in (MODEL, EXTERNAL_DATA, GRADIENT_MODEL):  # the converter takes a directory of models
+        if (bundle_dir / name).is_file():
+            (sources / name).symlink_to((bundle_dir / name).resolve())
+    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(sources),
            "--output_dir", str(work), "--optimization_style", "Fixed", "--target_platform", "arm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    produced = work / ORT_MODEL
-    if proc.returncode != 0 or not produced.is_file():
+    wanted = [ORT_MODEL] + ([GRADIENT_ORT_MODEL] if (sources / GRADIENT_MODEL).exists() else [])
+    config = work / FILE_NAMES["required_operators"]
+    if proc.returncode != 0 or not all((work / n).is_file() for n in wanted) or not config.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise ExportError(f"--ort: ONNX Runtime's converter failed ({lines[-1][:300] if lines else 'no output'})")
-    shutil.move(produced, bundle_dir / ORT_MODEL)
-    shutil.move(work / "model.required_operators.config", bundle_dir / FILE_NAMES["required_operators"])
+    for name in wanted:
+        shutil.move(work / name, bundle_dir / name)
+    shutil.move(config, bundle_dir / FILE_NAMES["required_operators"])
     shutil.rmtree(work)
+    shutil.rmtree(sources)
+    return wanted
 
 
 def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:

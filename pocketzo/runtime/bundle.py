@@ -16,6 +16,7 @@ A bundle is a directory (documented in docs/bundle.md) of ``manifest.json`` (thi
                                                   and outputs, plus d loss / d each tensor of
                                                   ``gradient_tensors`` as ``grad/<name>``, computed only
                                                   when the boolean input ``compute_gradients`` is true
+    gradient_ort_model   gradients.ort            the same in ORT format (``export --gradients --ort``); preferred
 
 The device side reads it with numpy + onnxruntime only.
 """
@@ -31,9 +32,10 @@ from pocketzo.errors import BundleError
 from pocketzo.runtime import _safetensors
 
 FORMAT = "pocketzo-bundle"
-# 4: the gradient graph also gives the loss graph's outputs, gates its backward pass on compute_gradients, and
-# may differentiate a subset (gradient_tensors); 3 added files and gradient_file; 2 added slots, adapter and
-# base_config_file. Versions 1-3 are still read (a version-3 gradient graph is not used: re-export it).
+# 4: the gradient graph also gives the loss graph's outputs, gates its backward pass on compute_gradients and
+# may differentiate a subset (gradient_tensors); gradient_ort_file names its ORT form. 3 added files and
+# gradient_file; 2 added slots, adapter and base_config_file. Versions 1-3 are still read (a version-3
+# gradient graph is not used: re-export it).
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
@@ -43,7 +45,7 @@ FILE_NAMES = {
     "required_operators": "required_operators.config", "trainable": "trainable.safetensors",
     "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
     "special_tokens_map": "special_tokens_map.json", "base_config": "hf_config.json",
-    "gradient_model": "gradients.onnx",
+    "gradient_model": "gradients.onnx", "gradient_ort_model": "gradients.ort",
 }
 GRADIENT_PREFIX = "grad/"  # the gradient graph's output for trainable tensor T is "grad/T"
 GRADIENT_SWITCH = "compute_gradients"  # its boolean input: false runs the forward alone
@@ -131,6 +133,7 @@ class Manifest:
     # order (all of them unless exported with --gradient-layers); the others get no grad/<name> output.
     gradient_file: str | None = None
     gradient_tensors: tuple[str, ...] | None = None
+    gradient_ort_file: str | None = None  # the gradient graph in ORT format (export --gradients --ort)
     # Every file of the bundle but manifest.json, by role (FILE_NAMES): what a client that fetches a bundle
     # file by file (a web page) downloads, and the name it passes ONNX Runtime for model_data.
     files: dict[str, str] = field(default_factory=dict)
@@ -179,6 +182,7 @@ class Manifest:
                 gradient_file=None if obj.get("gradient_file") is None else _str(obj["gradient_file"]),
                 gradient_tensors=None if obj.get("gradient_tensors") is None
                 else tuple(_str(n) for n in obj["gradient_tensors"]),
+                gradient_ort_file=None if obj.get("gradient_ort_file") is None else _str(obj["gradient_ort_file"]),
                 files={_str(k): _str(v) for k, v in obj["files"].items()} if version >= 3 else _implied_files(obj),
                 format_version=version,
             )
@@ -188,7 +192,7 @@ class Manifest:
     def validate_files(self, where: str = MANIFEST) -> None:
         """``files`` must name the files the other fields name."""
         named = (self.model_file, self.trainable_file, self.tokenizer_file, self.ort_model_file,
-                 self.base_config_file, self.gradient_file)
+                 self.base_config_file, self.gradient_file, self.gradient_ort_file)
         for name in named:
             if name is not None and name not in self.files.values():
                 raise BundleError(f"{where}: {name!r} is not in the manifest's files {sorted(self.files.values())}")
@@ -280,7 +284,7 @@ class Bundle:
         m = self.manifest
         m.validate_layout(str(manifest_path))
         for name in (m.model_file, m.trainable_file, m.tokenizer_file, m.ort_model_file, m.base_config_file,
-                     m.gradient_file, *m.files.values()):
+                     m.gradient_file, m.gradient_ort_file, *m.files.values()):
             if name is not None:
                 self._member(name)
         m.validate_files(str(manifest_path))
@@ -314,6 +318,12 @@ class Bundle:
     def gradient_path(self) -> Path | None:
         """The gradient graph (``export --gradients``), if the bundle has one."""
         name = self.manifest.gradient_file
+        return self._member(name) if name is not None else None
+
+    @property
+    def gradient_ort_path(self) -> Path | None:
+        """The gradient graph in ORT format (``export --gradients --ort``), if the bundle has one."""
+        name = self.manifest.gradient_ort_file
         return self._member(name) if name is not None else None
 
     @property

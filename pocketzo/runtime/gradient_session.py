@@ -41,6 +41,8 @@ class GradientSession:
         if bundle.manifest.format_version < 4:
             raise BundleError(f"{path}: a gradient graph of bundle format {bundle.manifest.format_version} (no "
                               f"{GRADIENT_SWITCH} input); re-export the bundle with `pocketzo export --gradients`")
+        ort_path = bundle.gradient_ort_path if config.prefer_ort else None
+        path = ort_path or path
         self.bundle, self.config, self.params, self.model_path = bundle, config, params, path
         # Without the arena and memory patterns SmolLM2's gradient graph (16 x 64, norms) peaked at 2.9 GB instead
         # of 4.4 GB and ran as fast (1.82 vs 1.9 s; 2026-12-01); without prepacked weight copies at 3.1 GB

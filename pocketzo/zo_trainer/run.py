@@ -23,11 +23,11 @@ import numpy.typing as npt
 from pocketzo._io import write_json
 from pocketzo._progress import Progress
 from pocketzo.errors import DataError, PocketzoError, RunInterrupted, TrainingError
-from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
+from pocketzo.mobile_harness.memory import peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
-from pocketzo.runtime.data import Batch, Dataset, TextEncoder
-from pocketzo.runtime.gradient_session import GradientSession
+from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import SessionConfig
+from pocketzo.zo_trainer.budget import check_memory, eval_batch_size
 from pocketzo.zo_trainer.checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -36,14 +36,11 @@ from pocketzo.zo_trainer.checkpoint import (
     truncate_logs,
 )
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
-from pocketzo.zo_trainer.first_order import first_order_bytes
 from pocketzo.zo_trainer.method import Method, RunPolicy
 from pocketzo.zo_trainer.monitor import RunMonitor
-from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
 from pocketzo.zo_trainer.rundir import SUMMARY, WEIGHTS, RunConfig, check_same_run, prepare_dir
 from pocketzo.zo_trainer.steplog import LOG, LOG_BIN, pack_record, read_log, start_logs
 from pocketzo.zo_trainer.trainer import Session, StepRecord, make_trainer, open_session, resolve_directions
-from pocketzo.zo_trainer.updates import state_bytes
 
 
 class BatchSampler:
@@ -73,41 +70,6 @@ def load_data(encoder: TextEncoder, path: str | Path) -> Dataset:
         print(f"note: {data.n_truncated} of {len(data)} rows of {path} were cut to max_length "
               f"{encoder.task.max_length}", file=sys.stderr)
     return data
-
-
-def check_memory(session: Session, data: Dataset, method: Method, policy: RunPolicy) -> dict:
-    """Estimate the run's peak memory against ``policy.memory_budget``: the peak RSS over probe runs on the
-    longest rows of the largest batches the run will send (P x batch rows with P slots; fo and hybrid: a
-    forward+backward at the batch size and a forward at the evaluation batch size), plus what the trainer
-    allocates beyond the session (optimizer state, the slotted theta and work copies, noise scratch)."""
-    limit_mb = parse_bytes(policy.memory_budget) / 1e6
-    slots = session.slots
-    rows = max(slots * method.batch_size, policy.eval_batch_size)
-
-    def longest(n: int) -> Batch:  # a data set smaller than the batch is sampled with repeats
-        return data.batch(np.resize(np.argsort([-len(ids) for ids in data.ids], kind="stable")[:n], n))
-
-    b = longest(rows)
-    session.run(b.input_ids, b.attention_mask, b.labels)
-    if isinstance(session, GradientSession):
-        g = longest(method.batch_size)
-        session.backward(g.input_ids, g.attention_mask, g.labels)
-    threads = policy.threads or os.cpu_count() or 1
-    theta = session.params.buffer.shape[0] // slots  # the one-slot layout, up to alignment padding
-    perturbers = 1 if slots == 1 else 2
-    if method.first_order:  # the gradient buffer, m, v and scratch (hybrid: a second perturber's scratch)
-        trainer_bytes = first_order_bytes(method, theta, threads) + (threads * CHUNK_ELEMENTS * 4
-                                                                     if method.method == "hybrid" else 0)
-    else:
-        trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
-                         + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
-    estimate = peak_rss_mb() + trainer_bytes / 1e6
-    if estimate > limit_mb:
-        raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
-                            f"{b.input_ids.shape[1]} tokens + {trainer_bytes / 1e6:,.0f} MB of optimizer state and "
-                            f"buffers), more than --memory-budget {policy.memory_budget}; lower "
-                            "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
-    return {"estimated_peak_mb": estimate, "trainer_mb": trainer_bytes / 1e6, "budget_mb": limit_mb}
 
 
 class _Loop:
@@ -143,7 +105,7 @@ class _Loop:
         if self.eval_data is None:
             return None
         self.trainer.sync()
-        result = evaluate(self.session, self.eval_data, self.policy.eval_batch_size)
+        result = evaluate(self.session, self.eval_data, eval_batch_size(self.session, self.method, self.policy))
         self.evals.append({"step": step, **result.to_json()})
         if bar is not None:
             bar.set(**({"acc": result.accuracy} if result.accuracy is not None else {"ppl": result.perplexity}))

@@ -163,8 +163,10 @@ def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_
         replay_run(bundle, tmp_path / "ref")
 
 
-def test_a_hybrid_step_is_the_exact_gradient_above_the_cut_and_the_zo_estimate_below():
-    """w1, b1 get (L(theta + eps z) - L(theta)) / eps * z; w2, b2 the exact gradient; one SGD step."""
+@pytest.mark.parametrize("estimator", ["one-sided", "two-sided"])
+def test_a_hybrid_step_is_the_exact_gradient_above_the_cut_and_the_zo_estimate_below(estimator):
+    """w1, b1 get g z with g = (L(theta + eps z) - L(theta)) / eps (one-sided, L(theta) from the exact point)
+    or (L(theta + eps z) - L(theta - eps z)) / (2 eps); w2, b2 the exact gradient; one SGD step."""
     net = TinyNet()
     theta = net.params.buffer.copy()
     split = net.params.specs[2].offset  # w2: the first tensor with an exact gradient
@@ -179,7 +181,7 @@ def test_a_hybrid_step_is_the_exact_gradient_above_the_cut_and_the_zo_estimate_b
         return float(TinyNet.loss(net.x, net.y, t))
 
     lr, eps = 0.1, 1e-2
-    method = Method(steps=1, method="hybrid", lr=lr, eps=eps, estimator="one-sided")
+    method = Method(steps=1, method="hybrid", lr=lr, eps=eps, estimator=estimator)
     trainer = build_first_order_trainer(net.params, net.gradient, backward, method, 1, forward, split)
     record = trainer.step(0, None)
     trainer.close()
@@ -194,6 +196,12 @@ def test_a_hybrid_step_is_the_exact_gradient_above_the_cut_and_the_zo_estimate_b
     assert record.loss_theta == pytest.approx(backward(), rel=1e-6)
     exact = net.gradient.buffer.copy()
     g = (direction.loss_plus - record.loss_theta) / eps
+    if estimator == "two-sided":
+        net.params.buffer[:split] -= np.float32(eps) * z
+        assert forward() == pytest.approx(direction.loss_minus, rel=1e-6)
+        g = (direction.loss_plus - direction.loss_minus) / (2 * eps)
+    else:
+        assert direction.loss_minus is None
     assert direction.grad == pytest.approx(g, rel=1e-6)
     want = theta.copy()
     want[:split] -= np.float32(lr * g) * z

@@ -149,6 +149,7 @@ class Hybrid(Estimator):
 
     def __init__(self, run_seed: int, directions: int, two_sided: bool):
         super().__init__(run_seed, directions)
+        self.two_sided = two_sided
         self.zo: Estimator = TwoSided(run_seed, directions) if two_sided else OneSided(run_seed, directions)
 
     def plan(self, step: int, eps: float) -> Plan:
@@ -158,8 +159,10 @@ class Hybrid(Estimator):
     def estimate(self, plan: Plan, losses: tuple[float, ...], gradient: npt.NDArray[np.float32] | None = None
                  ) -> Estimate:
         exact = ExactGradient().estimate(plan, losses[:1], gradient)
-        zo_plan = self.zo.plan(plan.step, plan.eps)  # one-sided: theta first, whose loss the exact point gave
-        zo = self.zo.estimate(zo_plan, losses if zo_plan.points[0].role == "theta" else losses[1:])
+        if self.two_sided:
+            zo = self.zo.estimate(Plan(plan.step, plan.eps, plan.seeds, plan.points[1:]), losses[1:])
+        else:  # the exact point's loss is L(theta)
+            zo = self.zo.estimate(Plan(plan.step, plan.eps, plan.seeds, (THETA, *plan.points[1:])), losses)
         return Estimate(plan.seeds, zo.grads, gradient=exact.gradient, grad_norm=exact.grad_norm)
 
 

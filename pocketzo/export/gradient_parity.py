@@ -25,10 +25,10 @@ from torch import nn
 from pocketzo.errors import ExportError
 from pocketzo.runtime.bundle import GRADIENT_PREFIX as PREFIX
 from pocketzo.runtime.bundle import GRADIENT_SWITCH
+from pocketzo.runtime.gradient_session import USER_INPUTS
 
 TOLERANCE = 1e-5
 NOISE = 4.0  # against float64 autograd, ONNX Runtime may be off by this many times PyTorch's float32 error
-USER_INPUTS = ("input_ids", "attention_mask", "labels")
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
 

@@ -276,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)",
             "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "
-                         "for `train --method fo` (not with --slots, --quantize or --ort)",
+                         "for `train --method fo` (not with --slots, --quantize or --split)",
             "gradient_layers": "with --gradients: differentiate only the trainable tensors of the last K layers "
                                "(and the final norm / head); the backward pass stops there. For `train --method "
-                               "hybrid`, which estimates the tensors below by ZO. 0: all"})
+                               "hybrid`, which estimates the tensors below by ZO. 0: all",
+            "trainable_layers": "train only in the last K transformer layers (and the final norm / head; never the "
+                                "embeddings); LoRA adapts only those layers. 0: all layers",
+            "split": "auto or K: also write the frozen layers below layer K (auto: the lowest trainable one) as "
+                     "trunk.onnx and the rest as head.onnx; ZO training then runs the trunk once per batch and only "
+                     "the head at each perturbed point. none: no split"})
         e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         e.set_defaults(func=cmd_export)
 

@@ -110,6 +110,19 @@ EXPORTS = {
     "llama-norms-grad-ort": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"gradients": True, "ort": True}),
     # --gradient-layers 1: exact gradients for layer 1's norms and the final norm (--method hybrid)
     "llama-norms-hybrid": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"gradients": True, "gradient_layers": 1}),
+    # --trainable-layers 1 --split auto: a frozen trunk (layer 0) and a head (layer 1, final norm, LM head)
+    "llama-norms-split": ("llama", "classify", TEMPLATE, r"norm\.weight$", {"trainable_layers": 1, "split": "auto"}),
+    "llama-lora-split": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4, "trainable_layers": 1,
+                                                                "split": "auto"}),
+    "llama-causal-split": ("llama", "causal-lm", None, "all", {"trainable_layers": 1, "split": "auto"}),
+    "opt-lora-causal-split": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4, "trainable_layers": 1,
+                                                                "split": "auto"}),
+    "bert-bitfit-split": ("bert", "classify", None, "all", {"peft": "bitfit", "trainable_layers": 1, "split": "1"}),
+    "llama-lora-slots-split": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4, "slots": 4,
+                                                                      "trainable_layers": 1, "split": "auto"}),
+    "llama-lora-split-int8-ort": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4,
+                                                                         "trainable_layers": 1, "split": "auto",
+                                                                         "quantize": "int8", "ort": True}),
 }
 
 

@@ -28,6 +28,9 @@ from pocketzo.errors import ExportError
 BITFIT = r"(\.bias|norm\.weight|LayerNorm\.weight|layer_norm\.weight|ln_\w*\.weight)$"
 # A newly initialised classification head must always train (PEFT's modules_to_save).
 NEW_HEAD = r"^(classifier|score)\."
+# Parameters outside the transformer layers that act below them (embeddings, OPT's project_in, virtual tokens);
+# the others (final norm, LM head, classifier, pooler) act above them.
+INPUT_SIDE = re.compile(r"embed|project_in|^prompt_embeddings$")
 
 
 class _Tensor(nn.Module):
@@ -64,11 +67,14 @@ class LoRALinear(nn.Module):
         return y + delta.reshape(y.shape) * self.scale
 
 
-def add_lora(net: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, slots: int, seed: int) -> list[str]:
-    """Replace the Linear layers whose last name part is in ``targets``; return the adapter names."""
+def add_lora(net: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, slots: int, seed: int,
+             first_layer: int = 0) -> list[str]:
+    """Replace the Linear layers whose last name part is in ``targets`` (in transformer layers >= ``first_layer``);
+    return the adapter names."""
     generator = torch.Generator().manual_seed(seed)
     found = [(name, m) for name, m in net.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+             and (layer_index(name + ".") or 0) >= first_layer]
     if not found:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear)})
         raise ExportError(f"--lora-targets {','.join(targets)} match no Linear layer; this model has {linears}")
@@ -89,7 +95,18 @@ def prompt_init(net: nn.Module, tokens: int, slots: int, seed: int) -> torch.Ten
     return init.expand(slots, *init.shape).clone() if slots > 1 else init
 
 
-def select(names: list[str], pattern: str, freeze: str | None) -> list[str]:
-    """Parameter names matched by ``pattern`` ("all" or a regex) and not by ``freeze``."""
+def select(names: list[str], pattern: str, freeze: str | None, first_layer: int = 0) -> list[str]:
+    """Parameter names matched by ``pattern`` ("all" or a regex) and not by ``freeze``; with ``first_layer`` > 0
+    only those of transformer layers >= ``first_layer`` and those after the layers (``--trainable-layers``)."""
     chosen = [n for n in names if pattern == "all" or re.search(pattern, n)]
-    return [n for n in chosen if not (freeze and re.search(freeze, n))]
+    chosen = [n for n in chosen if not (freeze and re.search(freeze, n))]
+    if first_layer:
+        chosen = [n for n in chosen if (layer_index(n) or 0) >= first_layer
+                  or (layer_index(n) is None and not INPUT_SIDE.search(n))]
+    return chosen
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a parameter belongs to (``...layers.12.``, BERT's ``...layer.12.``), or None."""
+    match = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", name)
+    return int(match.group(1)) if match else None

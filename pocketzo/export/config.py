@@ -33,6 +33,8 @@ class ExportConfig:
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
     gradients: bool = False  # also write gradients.onnx: the loss and d loss / d each trainable tensor
     gradient_layers: int = 0  # > 0: differentiate only the trainable tensors of the last K layers (--method hybrid)
+    trainable_layers: int = 0  # > 0: train only in the last K transformer layers (and the final norm / head)
+    split: str = "none"  # "auto" or K: also write a frozen trunk (layers below K) and a trainable head graph
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
@@ -62,12 +64,32 @@ class ExportConfig:
                               "with --gradients")
         if self.gradients:
             self._check_gradients()
+        if self.trainable_layers < 0:
+            raise ExportError(f"--trainable-layers must be >= 1 (0: all layers), got {self.trainable_layers}")
+        if self.split != "none":
+            self._check_split()
         for flag, pattern in (("--trainable", self.trainable), ("--freeze", self.freeze)):
             if pattern and pattern != "all":
                 try:
                     re.compile(pattern)
                 except re.error as e:
                     raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
+
+    @property
+    def split_layer(self) -> int | None:
+        """--split K as a number; None for "auto" (and "none")."""
+        return int(self.split) if self.split.isdigit() else None
+
+    def _check_split(self) -> None:
+        if self.split != "auto" and not (self.split.isdigit() and int(self.split) >= 1):
+            raise ExportError(f"--split must be auto or a layer number >= 1 (the head's first layer), got "
+                              f"{self.split!r}")
+        if self.peft == "prompt":
+            raise ExportError("--split with --peft prompt: the virtual tokens enter below the first layer, so no "
+                              "layer can be frozen below them; export without --split")
+        if self.gradients:
+            raise ExportError("--split with --gradients is not built yet (the gradient graph is not split); "
+                              "export them as two bundles")
 
     def _check_gradients(self) -> None:
         """--gradients is exported and checked for plain weights, BitFit, LoRA and prompt tuning, on an fp32 base

@@ -17,7 +17,6 @@ import hashlib
 import shutil
 import subprocess
 import sys
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,9 +27,10 @@ import torch
 from pocketzo import __version__
 from pocketzo._io import atomic_dir, sha256_file, write_json
 from pocketzo.errors import ExportError
-from pocketzo.export import adapters, gradients, heads, parity
+from pocketzo.export import adapters, gradients, heads, parity, split
 from pocketzo.export.config import ExportConfig
 from pocketzo.export.quantize import quantize_frozen
+from pocketzo.export.tracing import lift_trainable, parameters, trace_onnx
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import (
     FILE_NAMES,
@@ -47,6 +47,7 @@ ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exce
 MODEL, EXTERNAL_DATA, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["model_data"], FILE_NAMES["trainable"]
 ORT_MODEL, BASE_CONFIG = FILE_NAMES["ort_model"], FILE_NAMES["base_config"]
 GRADIENT_MODEL, GRADIENT_ORT_MODEL = FILE_NAMES["gradient_model"], FILE_NAMES["gradient_ort_model"]
+TRUNK_ORT_MODEL, HEAD_ORT_MODEL = FILE_NAMES["trunk_ort_model"], FILE_NAMES["head_ort_model"]
 # A quantized base is checked against the fp32 PyTorch loss too, within 50 % (relative above a loss of 1):
 # that catches a broken graph, not quantization error, which export.quantized.parity and the accuracy
 # tables report (dynamic int8 on SmolLM2-135M is off by 0.35 on the random parity batch, loss 1.23).
@@ -150,11 +151,23 @@ def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
                     tuple(config.labels) if config.task == "classify" else (), token_ids)
 
 
+def _first_trainable_layer(net: torch.nn.Module, config: ExportConfig) -> int:
+    """The lowest transformer layer that may train (``--trainable-layers K``: the last K of them)."""
+    if not config.trainable_layers:
+        return 0
+    owner, attr = split.layer_stack(net)
+    n_layers = len(getattr(owner, attr))
+    if config.trainable_layers > n_layers:
+        raise ExportError(f"--trainable-layers {config.trainable_layers}: the model has {n_layers} layers")
+    return n_layers - config.trainable_layers
+
+
 def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportConfig):
     """The loss head around ``net``, with the chosen adapters added; returns it and the manifest's adapter."""
     prompt, adapter = None, None
     if config.peft == "lora":
-        adapters.add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, config.slots, config.seed)
+        adapters.add_lora(net, config.lora_targets, config.lora_rank, config.lora_alpha, config.slots, config.seed,
+                          _first_trainable_layer(net, config))
         adapter = {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
                    "targets": list(config.lora_targets)}
     elif config.peft == "prompt":
@@ -179,54 +192,13 @@ def _select(wrapper: torch.nn.Module, config: ExportConfig, head: HeadKind) -> l
                "bitfit": adapters.BITFIT}[config.peft]
     if config.peft != "none" and head == "head":  # a new classification head must train
         pattern = f"({pattern})|{adapters.NEW_HEAD}"
-    chosen = adapters.select(names, pattern, config.freeze)
+    chosen = adapters.select(names, pattern, config.freeze, _first_trainable_layer(wrapper.net, config))
     if not chosen:
         what = f"--peft {config.peft}" if config.peft != "none" else f"--trainable {config.trainable!r}"
-        raise ExportError(f"{what} / --freeze {config.freeze!r} select no parameter; names look like {names[:3]}")
+        layers = f" / --trainable-layers {config.trainable_layers}" if config.trainable_layers else ""
+        raise ExportError(f"{what} / --freeze {config.freeze!r}{layers} select no parameter; names look like "
+                          f"{names[:3]}")
     return chosen
-
-
-def _parameters(wrapper: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The head's parameters under Hugging Face names (the wrapped model's, without "net.")."""
-    return {n.removeprefix("net."): p for n, p in wrapper.named_parameters()}
-
-
-def _lift_trainable(model: onnx.ModelProto, wrapper: torch.nn.Module, trainable: list[str],
-                    strip: str = "") -> list[str]:
-    """Rename initializers to canonical HF names (``strip``: a prefix of the traced module's own);
-    make the trainable ones graph inputs."""
-    graph = model.graph
-    canonical = {}
-    first: dict[int, str] = {}
-    for name, p in wrapper.named_parameters(remove_duplicate=False):
-        name = name.removeprefix("net.")
-        canonical[name] = first.setdefault(id(p), name)
-    rename = {}
-    for init in graph.initializer:
-        bare = init.name.removeprefix(strip).removeprefix("net.")
-        rename[init.name] = canonical.get(bare, bare)
-    for node in graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ExportError(f"the exported graph has a control-flow node {node.op_type}; not supported yet")
-        node.input[:] = [rename.get(i, i) for i in node.input]
-    for init in graph.initializer:
-        init.name = rename[init.name]
-    present = {init.name: init for init in graph.initializer}
-    wanted = set(trainable)
-    lifted = [n for n in trainable if n in present]
-    for missing in wanted - set(lifted):
-        _say(f"warning: {missing} is not used by the loss graph; left out of the trainable set")
-    kept = [init for init in graph.initializer if init.name not in wanted]
-    params = _parameters(wrapper)
-    for name in lifted:
-        init = present[name]
-        if tuple(init.dims) != tuple(params[name].shape) or init.data_type != onnx.TensorProto.FLOAT:
-            raise ExportError(f"graph tensor {name} is {list(init.dims)}, but the model's is "
-                              f"{list(params[name].shape)}")
-        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(init.dims)))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return lifted
 
 
 def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, overwrite: bool = False) -> Manifest:
@@ -248,19 +220,10 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         rows, seq = torch.export.Dim("rows"), torch.export.Dim("seq")
         batch = rows * config.slots if config.slots > 1 else rows
         label_axes = {0: batch} if task.kind == "classify" else {0: batch, 1: seq}
-        with warnings.catch_warnings():  # the exporter's deprecation and axis-naming chatter
-            warnings.simplefilter("ignore", category=UserWarning)
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            onnx_program = torch.onnx.export(
-                wrapper, sample, dynamo=True, optimize=False, verbose=False,
-                input_names=["input_ids", "attention_mask", "labels"], output_names=list(wrapper.outputs),
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                                "labels": label_axes},
-            )
-        proto = onnx_program.model_proto
-        lifted = _lift_trainable(proto, wrapper, trainable)
-        params = _parameters(wrapper)
+        axes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "labels": label_axes}
+        proto = trace_onnx(wrapper, sample, ["input_ids", "attention_mask", "labels"], list(wrapper.outputs), axes)
+        lifted = lift_trainable(proto, wrapper, trainable)
+        params = parameters(wrapper)
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
         frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
         external = frozen_bytes > EXTERNAL_DATA_BYTES
@@ -302,7 +265,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         n_specs, n_params = len(specs), sum(s.numel for s in specs)
         # Free the in-memory graph now and the torch model once the gradient graph is traced from it: before
         # quantizing, which holds the graph about three times over (an OPT-1.3B export was killed otherwise).
-        del onnx_program, proto
+        del proto
         gc.collect()
         exact = lifted
         if config.gradients:
@@ -312,25 +275,36 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
             manifest = Manifest(**{**manifest.__dict__, "gradient_file": gradients.GRADIENT_MODEL,
                                    "gradient_tensors": tuple(exact),
                                    "export": {**manifest.export, "gradient_parity": grad_parity}})
+        if config.split != "none":
+            manifest = _add_split(tmp, manifest, wrapper, sample, lifted, config, label_axes, reference, checked)
         grad_head = wrapper if config.gradients and config.ort else None  # the ORT-format gradients' reference
         del wrapper, net, params
         gc.collect()
         if config.quantize != "none":
             _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
             stats = quantize_frozen(tmp / MODEL, config.quantize)
+            for graph in manifest.split.file_names[:2] if manifest.split else ():
+                quantize_frozen(tmp / graph, config.quantize)
             manifest = _write_manifest(tmp, manifest)
             error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {
                 **manifest.export, "external_data": (tmp / EXTERNAL_DATA).is_file(),
                 "quantized": {**stats, "parity": error}}})
+            if manifest.split:
+                manifest = _check_split(tmp, manifest, reference, sample, QUANTIZED_TOLERANCE, error,
+                                        "split_parity_quantized")
         if config.ort:
             _say("converting to ORT format (ONNX Runtime Mobile)")
             written = _convert_to_ort(tmp)
+            split_ort = manifest.split and replace(manifest.split, trunk_ort_file=TRUNK_ORT_MODEL,
+                                                   head_ort_file=HEAD_ORT_MODEL)
             manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL, gradient_ort_file=(
-                GRADIENT_ORT_MODEL if GRADIENT_ORT_MODEL in written else None)))
-            parity_ort = parity.check(tmp, reference, sample, config.parity_tolerance if config.quantize == "none"
-                                      else QUANTIZED_TOLERANCE)
+                GRADIENT_ORT_MODEL if GRADIENT_ORT_MODEL in written else None), split=split_ort or None))
+            tolerance = config.parity_tolerance if config.quantize == "none" else QUANTIZED_TOLERANCE
+            parity_ort = parity.check(tmp, reference, sample, tolerance)
             manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
+            if manifest.split:
+                manifest = _check_split(tmp, manifest, reference, sample, tolerance, parity_ort, "split_parity_ort")
             if GRADIENT_ORT_MODEL in written:
                 _say("checking the ORT-format gradients: ONNX Runtime vs PyTorch autograd")
                 grad_ort = gradients.check_gradients(tmp / GRADIENT_ORT_MODEL, grad_head, sample, exact,
@@ -341,6 +315,29 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     _say(f"wrote {out} ({n_specs} trainable tensors, {n_params:,} parameters; "
          f"parity error {checked['abs_error']:.2e})")
     return manifest
+
+
+def _add_split(tmp: Path, manifest: Manifest, wrapper: torch.nn.Module, sample: parity.Sample, trainable: list[str],
+               config: ExportConfig, label_axes: dict, reference: parity.Reference, whole: dict) -> Manifest:
+    """trunk.onnx and head.onnx (``--split``), checked against PyTorch and against the whole graph (``whole``:
+    its parity result); returns the manifest describing them."""
+    owner, attr = split.layer_stack(wrapper.net)
+    n_layers = len(getattr(owner, attr))
+    layer = split.split_layer(trainable, n_layers, config.split_layer)
+    _say(f"splitting at layer {layer} of {n_layers}: tracing the frozen trunk and the trainable head")
+    spec = split.export_split(tmp, wrapper, sample, trainable, layer, n_layers, config.slots, label_axes,
+                              EXTERNAL_DATA_BYTES)
+    manifest = _write_manifest(tmp, replace(manifest, split=spec))
+    return _check_split(tmp, manifest, reference, sample, config.parity_tolerance, whole, "split_parity")
+
+
+def _check_split(tmp: Path, manifest: Manifest, reference: parity.Reference, sample: parity.Sample,
+                 tolerance: float, whole: dict, key: str) -> Manifest:
+    """Trunk then head against PyTorch (``tolerance``) and against the whole graph's ``whole`` parity result."""
+    _say("checking the split: trunk then head against PyTorch and against the whole graph")
+    checked = parity.check(tmp, reference, sample, tolerance, split=True)
+    checked["whole_graph_error"] = split.check_split(whole, checked)
+    return Manifest(**{**manifest.__dict__, "export": {**manifest.export, key: checked}})
 
 
 def _write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
@@ -364,13 +361,15 @@ def _convert_to_ort(bundle_dir: Path) -> list[str]:
     """
     sources, work = bundle_dir / ".ort-in", bundle_dir / ".ort"
     sources.mkdir()
-    for name in (MODEL, EXTERNAL_DATA, GRADIENT_MODEL):  # the converter takes a directory of models
+    graphs = (MODEL, EXTERNAL_DATA, GRADIENT_MODEL, split.TRUNK, split.TRUNK_DATA, split.HEAD, split.HEAD_DATA)
+    for name in graphs:  # the converter takes a directory of models
         if (bundle_dir / name).is_file():
             (sources / name).symlink_to((bundle_dir / name).resolve())
     cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(sources),
            "--output_dir", str(work), "--optimization_style", "Fixed", "--target_platform", "arm"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wanted = [ORT_MODEL] + ([GRADIENT_ORT_MODEL] if (sources / GRADIENT_MODEL).exists() else [])
+    wanted += [TRUNK_ORT_MODEL, HEAD_ORT_MODEL] if (sources / split.TRUNK).exists() else []
     config = work / FILE_NAMES["required_operators"]
     if proc.returncode != 0 or not all((work / n).is_file() for n in wanted) or not config.is_file():
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]

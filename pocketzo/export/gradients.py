@@ -6,7 +6,7 @@ inference graph, so a device can backpropagate with ONNX Runtime's inference pac
    (``_export_forward_backward``), whose signature names the parameter of every gradient output;
 3. the loss and the gradients become user outputs and go through ``torch.onnx.export`` (dynamo,
    ``optimize=False``): default-domain operators, parameter names kept;
-4. the graph is edited as the loss graph is (``exporter._lift_trainable``): frozen weights stay
+4. the graph is edited as the loss graph is (``tracing.lift_trainable``): frozen weights stay
    initializers, trainable ones become inputs under their manifest names; outputs are renamed
    ``loss`` and ``grad/<name>`` (one per trainable tensor, in manifest order);
 5. ONNX Runtime's loss and gradients are checked against PyTorch autograd of the same loss, at the
@@ -24,7 +24,6 @@ decomposes again (outputs are matched by place).
 
 from __future__ import annotations
 
-import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -39,6 +38,7 @@ from torch.export import graph_signature as gs
 from torch.utils import _pytree as pytree
 
 from pocketzo.errors import ExportError
+from pocketzo.export.adapters import layer_index
 from pocketzo.export.gradient_parity import (
     PREFIX,
     TOLERANCE,
@@ -48,6 +48,7 @@ from pocketzo.export.gradient_parity import (
     named,
     requires_grad,
 )
+from pocketzo.export.tracing import canonical_names, lift_trainable
 from pocketzo.runtime.bundle import FILE_NAMES
 from pocketzo.runtime.bundle import GRADIENT_SWITCH as SWITCH
 
@@ -221,7 +222,6 @@ def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainabl
     outputs, and the gradient of the loss for each tensor of ``exact`` (default: every trainable tensor;
     autograd then stops below the lowest of them). Check it against autograd; return the check's record
     for ``export.gradient_parity``."""
-    from pocketzo.export.exporter import MODEL, _lift_trainable  # the exporter imports this module
 
     exact = list(trainable) if exact is None else exact
     _say("tracing the gradient graph (torch.export, forward + backward)")
@@ -240,11 +240,11 @@ def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainabl
         raise ExportError(f"--gradients: the backward graph could not be exported ({first}); "
                           "rerun with --debug for the trace") from e
     del program
-    lifted = _lift_trainable(proto, head, trainable, strip="head.")
+    lifted = lift_trainable(proto, head, trainable, strip="head.")
     if lifted != trainable:
         raise ExportError(f"--gradients: the gradient graph does not use {sorted(set(trainable) - set(lifted))}")
     _name_outputs(proto.graph, _contract_outputs(proto.graph, head, exact, targets))
-    _match_inputs(proto.graph, onnx.load(bundle_dir / MODEL, load_external_data=False).graph)
+    _match_inputs(proto.graph, onnx.load(bundle_dir / FILE_NAMES["model"], load_external_data=False).graph)
     _gate_backward(proto.graph, head.outputs)
     default_domain_only(proto)
     onnx.save_model(proto, str(bundle_dir / GRADIENT_MODEL))
@@ -261,23 +261,17 @@ def exact_tensors(trainable: list[str], n_layers: int, last: int) -> list[str]:
     if last >= n_layers:
         return list(trainable)
     first_layer = n_layers - last
-    index = [_layer_index(n) for n in trainable]
+    index = [layer_index(n) for n in trainable]
     start = next((i for i, k in enumerate(index) if k is not None and k >= first_layer), None)
     if start is None:  # no layer-indexed tensor up there: only tensors after the last layer (a head, a norm)
         start = max((i + 1 for i, k in enumerate(index) if k is not None), default=len(trainable))
     below = [trainable[i] for i in range(start, len(trainable)) if index[i] is not None and index[i] < first_layer]
     if below:
-        raise ExportError(f"--gradient-layers {last}: {below[0]} (layer {_layer_index(below[0])}) comes after tensors "
+        raise ExportError(f"--gradient-layers {last}: {below[0]} (layer {layer_index(below[0])}) comes after tensors "
                           f"of layer >= {first_layer} in the trainable order; cannot cut the backward pass there")
     if start == len(trainable):
         raise ExportError(f"--gradient-layers {last}: no trainable tensor in the last {last} of {n_layers} layers")
     return list(trainable[start:])
-
-
-def _layer_index(name: str) -> int | None:
-    """The transformer layer a parameter belongs to (``...layers.12.``, BERT's ``...layer.12.``), or None."""
-    match = re.search(r"\.(?:layers|layer|h|blocks)\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
 
 
 def _contract_outputs(graph: onnx.GraphProto, head: nn.Module, exact: list[str],
@@ -363,6 +357,5 @@ def _without_gradient(head: nn.Module, sample: Sample, trainable: list[str]) -> 
 
 def _canonical(head: nn.Module) -> dict[str, str]:
     """Every name of every parameter -> its first name (a tied embedding / LM head is one tensor)."""
-    first: dict[int, str] = {}
-    return {n.removeprefix("net."): first.setdefault(id(p), n.removeprefix("net."))
-            for n, p in head.named_parameters(remove_duplicate=False)}
+    first = canonical_names(head)
+    return {n.removeprefix("net."): first[id(p)] for n, p in head.named_parameters(remove_duplicate=False)}

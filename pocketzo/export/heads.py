@@ -19,6 +19,8 @@ from pocketzo.runtime.data import IGNORE
 
 class _Head(nn.Module):
     outputs: tuple[str, ...] = ()
+    # A split's head (``split``): the first input is the trunk's hidden state (N, T, H), fed as inputs_embeds
+    from_hidden: bool = False
 
     def __init__(self, net: nn.Module, prompt: torch.Tensor | None = None, slots: int = 1):
         super().__init__()
@@ -28,6 +30,8 @@ class _Head(nn.Module):
 
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         """Keyword arguments for the HF model: ids, or embeddings with the virtual tokens in front."""
+        if self.from_hidden:
+            return {"inputs_embeds": input_ids, "attention_mask": attention_mask}
         if self.prompt_embeddings is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask}
         embeds = self.net.get_input_embeddings()(input_ids)  # (N, T, H)

@@ -30,6 +30,7 @@ from pocketzo.export import adapters, heads
 from pocketzo.export.config import ExportConfig
 from pocketzo.runtime.bundle import Bundle, HeadKind, TaskSpec
 from pocketzo.runtime.session import SessionConfig, TrainingSession
+from pocketzo.runtime.split_session import SplitSession
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
 ADAPTER = re.compile(r"(\.lora_[AB]\.weight|^prompt_embeddings)$")
@@ -81,10 +82,12 @@ def reference(wrapper: nn.Module, head: HeadKind, sample: Sample, task: TaskSpec
     return Reference(losses, random, _losses(net, head, sample, task, config, {**initial, **random}))
 
 
-def check(bundle_dir: Path, ref: Reference, sample: Sample, tolerance: float) -> dict[str, Any]:
-    """Run the bundle at its initial values and at ``ref.random_values``; raise ExportError on a mismatch."""
+def check(bundle_dir: Path, ref: Reference, sample: Sample, tolerance: float, split: bool = False) -> dict[str, Any]:
+    """Run the bundle at its initial values and at ``ref.random_values``; raise ExportError on a mismatch.
+    ``split``: run its trunk and head graphs instead of the loss graph."""
     ids, mask, labels = (x.numpy() for x in sample)
-    session = TrainingSession(Bundle(bundle_dir), SessionConfig(threads=1))
+    bundle, config = Bundle(bundle_dir), SessionConfig(threads=1)
+    session = SplitSession(bundle, config) if split else TrainingSession(bundle, config)
     got = np.atleast_1d(session.run(ids, mask, labels)["loss"]).astype(np.float64)  # (slots,)
     result: dict[str, Any] = {"loss_onnx": float(got[0]), "loss_torch": float(ref.initial[0]),
                               "abs_error": _compare(got, ref.initial, tolerance), "batch": list(ids.shape),

@@ -33,7 +33,6 @@ from pocketzo.errors import ExportError
 
 QuantMode = Literal["int8", "int4"]
 SINGLE_FILE_MAX_BYTES = 2_000_000_000  # a protobuf file cannot exceed 2 GiB; leave room for the graph
-EXTERNAL_DATA = "model.onnx.data"
 QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
 # MatMulNBits' int8 compute path (activations quantized per block). SmolLM2-135M, 16 x 64, 2 threads:
 # 1.06 s vs 1.18 s per forward at the default (fp32 compute); dev accuracy 73.0 % vs 73.6 % (n=500).
@@ -258,25 +257,30 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
 
 
+def _external_data(path: Path) -> str:
+    """A graph's external data file: model.onnx.data for model.onnx (trunk.onnx.data for a split's trunk)."""
+    return path.name + ".data"
+
+
 def _file_bytes(path: Path) -> int:
-    data = path.parent / EXTERNAL_DATA
+    data = path.parent / _external_data(path)
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
-    """Save next to ``path`` and rename over it: one file below 2 GB, else ``model.onnx.data``.
+    """Save next to ``path`` and rename over it: one file below 2 GB, else ``<name>.data`` (``model.onnx.data``).
 
     External data is renamed into place just before the graph that reads it: the one
     moment the pair is inconsistent is between two renames.
     """
     external = sum(_tensor_bytes(i) for i in model.graph.initializer) > SINGLE_FILE_MAX_BYTES
-    stale = path.parent / EXTERNAL_DATA
+    stale = path.parent / _external_data(path)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
         onnx.save_model(model, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
+                        location=stale.name, size_threshold=1024)
         if external:
-            os.replace(Path(tmp) / EXTERNAL_DATA, stale)
+            os.replace(Path(tmp) / stale.name, stale)
         os.replace(staged, path)
     if not external and stale.is_file():
         stale.unlink()

@@ -17,6 +17,14 @@ A bundle is a directory (documented in docs/bundle.md) of ``manifest.json`` (thi
                                                   ``gradient_tensors`` as ``grad/<name>``, computed only
                                                   when the boolean input ``compute_gradients`` is true
     gradient_ort_model   gradients.ort            the same in ORT format (``export --gradients --ort``); preferred
+    trunk_model          trunk.onnx               frozen-trunk split (``export --split``): the layers below the split,
+                                                  input_ids + attention_mask -> ``hidden``; no trainable input
+    trunk_data           trunk.onnx.data          its weights as external data (large models only)
+    head_model           head.onnx                the rest: ``hidden`` + attention_mask + labels + the trainable
+                                                  tensors -> the loss graph's outputs
+    head_data            head.onnx.data           its weights as external data (large models only)
+    trunk_ort_model      trunk.ort                the trunk and head in ORT format (``export --split --ort``)
+    head_ort_model       head.ort
 
 The device side reads it with numpy + onnxruntime only.
 """
@@ -32,12 +40,13 @@ from pocketzo.errors import BundleError
 from pocketzo.runtime import _safetensors
 
 FORMAT = "pocketzo-bundle"
-# 4: the gradient graph also gives the loss graph's outputs, gates its backward pass on compute_gradients and
+# 5: the frozen-trunk split (``split``: trunk and head graphs beside the loss graph). 4: the gradient graph
+# also gives the loss graph's outputs, gates its backward pass on compute_gradients and
 # may differentiate a subset (gradient_tensors); gradient_ort_file names its ORT form. 3 added files and
 # gradient_file; 2 added slots, adapter and base_config_file. Versions 1-3 are still read (a version-3
 # gradient graph is not used: re-export it).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 # The names the exporter gives a bundle's files, by role (the keys of ``Manifest.files``; see the docstring)
 FILE_NAMES = {
@@ -46,9 +55,12 @@ FILE_NAMES = {
     "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
     "special_tokens_map": "special_tokens_map.json", "base_config": "hf_config.json",
     "gradient_model": "gradients.onnx", "gradient_ort_model": "gradients.ort",
+    "trunk_model": "trunk.onnx", "trunk_data": "trunk.onnx.data", "head_model": "head.onnx",
+    "head_data": "head.onnx.data", "trunk_ort_model": "trunk.ort", "head_ort_model": "head.ort",
 }
 GRADIENT_PREFIX = "grad/"  # the gradient graph's output for trainable tensor T is "grad/T"
 GRADIENT_SWITCH = "compute_gradients"  # its boolean input: false runs the forward alone
+HIDDEN = "hidden"  # the trunk's output and the head's first input (split bundles)
 ALIGN_ELEMENTS = 16  # every tensor starts on a 64-byte boundary of the float32 buffer
 
 TaskKind = Literal["causal-lm", "classify"]
@@ -111,6 +123,35 @@ class ValueSpec:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """A frozen-trunk split: the trunk runs transformer layers [0, layer) and has no trainable input, the head
+    runs the others and the loss; trunk then head computes the loss graph's outputs."""
+
+    layer: int  # the head's first transformer layer
+    layers: int  # the model's transformer layers
+    hidden: ValueSpec  # the trunk's output = the head's first input: float32 (batch, seq, hidden size)
+    trunk_file: str
+    head_file: str
+    trunk_ort_file: str | None = None
+    head_ort_file: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SplitSpec:
+        hidden = obj["hidden"]
+        optional = {k: None if obj.get(k) is None else _str(obj[k]) for k in ("trunk_ort_file", "head_ort_file")}
+        spec = cls(_count(obj["layer"]), _count(obj["layers"]),
+                   ValueSpec(_str(hidden["name"]), _str(hidden["dtype"]), tuple(hidden["shape"])),
+                   _str(obj["trunk_file"]), _str(obj["head_file"]), **optional)
+        if not 0 < spec.layer <= spec.layers:
+            raise ValueError(f"split layer {spec.layer} is not in 1..{spec.layers}")
+        return spec
+
+    @property
+    def file_names(self) -> tuple[str | None, ...]:
+        return self.trunk_file, self.head_file, self.trunk_ort_file, self.head_ort_file
+
+
+@dataclass(frozen=True)
 class Manifest:
     task: TaskSpec
     inputs: tuple[ValueSpec, ...]
@@ -134,6 +175,7 @@ class Manifest:
     gradient_file: str | None = None
     gradient_tensors: tuple[str, ...] | None = None
     gradient_ort_file: str | None = None  # the gradient graph in ORT format (export --gradients --ort)
+    split: SplitSpec | None = None  # the frozen-trunk split (export --split); model.onnx stays the whole graph
     # Every file of the bundle but manifest.json, by role (FILE_NAMES): what a client that fetches a bundle
     # file by file (a web page) downloads, and the name it passes ONNX Runtime for model_data.
     files: dict[str, str] = field(default_factory=dict)
@@ -183,6 +225,7 @@ class Manifest:
                 gradient_tensors=None if obj.get("gradient_tensors") is None
                 else tuple(_str(n) for n in obj["gradient_tensors"]),
                 gradient_ort_file=None if obj.get("gradient_ort_file") is None else _str(obj["gradient_ort_file"]),
+                split=None if obj.get("split") is None else SplitSpec.from_json(obj["split"]),
                 files={_str(k): _str(v) for k, v in obj["files"].items()} if version >= 3 else _implied_files(obj),
                 format_version=version,
             )
@@ -192,7 +235,8 @@ class Manifest:
     def validate_files(self, where: str = MANIFEST) -> None:
         """``files`` must name the files the other fields name."""
         named = (self.model_file, self.trainable_file, self.tokenizer_file, self.ort_model_file,
-                 self.base_config_file, self.gradient_file, self.gradient_ort_file)
+                 self.base_config_file, self.gradient_file, self.gradient_ort_file,
+                 *(self.split.file_names if self.split else ()))
         for name in named:
             if name is not None and name not in self.files.values():
                 raise BundleError(f"{where}: {name!r} is not in the manifest's files {sorted(self.files.values())}")
@@ -284,7 +328,8 @@ class Bundle:
         m = self.manifest
         m.validate_layout(str(manifest_path))
         for name in (m.model_file, m.trainable_file, m.tokenizer_file, m.ort_model_file, m.base_config_file,
-                     m.gradient_file, m.gradient_ort_file, *m.files.values()):
+                     m.gradient_file, m.gradient_ort_file, *(m.split.file_names if m.split else ()),
+                     *m.files.values()):
             if name is not None:
                 self._member(name)
         m.validate_files(str(manifest_path))
@@ -325,6 +370,15 @@ class Bundle:
         """The gradient graph in ORT format (``export --gradients --ort``), if the bundle has one."""
         name = self.manifest.gradient_ort_file
         return self._member(name) if name is not None else None
+
+    def split_paths(self, prefer_ort: bool = True) -> tuple[Path, Path] | None:
+        """The trunk and head graphs of a split bundle (ORT format when it has them and ``prefer_ort``)."""
+        split = self.manifest.split
+        if split is None:
+            return None
+        ort_files = prefer_ort and split.trunk_ort_file is not None and split.head_ort_file is not None
+        trunk, head = (split.trunk_ort_file, split.head_ort_file) if ort_files else (split.trunk_file, split.head_file)
+        return self._member(trunk), self._member(head)
 
     @property
     def base_config_path(self) -> Path | None:

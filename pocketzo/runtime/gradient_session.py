@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from pocketzo.errors import BundleError
 from pocketzo.runtime.bundle import GRADIENT_PREFIX, GRADIENT_SWITCH, Bundle
-from pocketzo.runtime.session import FlatParameters, SessionConfig
+from pocketzo.runtime.session import FlatParameters, SessionConfig, load_session
 
 USER_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -49,11 +49,7 @@ class GradientSession:
         # instead of 3.6 GB, forward and backward as fast (2026-12-02, 4 runs each).
         options = replace(config, cpu_mem_arena=False, mem_pattern=False).session_options()
         options.add_session_config_entry("session.disable_prepacking", "1")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own unrelated exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
+        self.session = load_session(path, options)
         exact = bundle.manifest.gradient_tensors
         self.exact: tuple[str, ...] = tuple(s.name for s in params.specs) if exact is None else exact
         outputs = {o.name for o in self.session.get_outputs()}

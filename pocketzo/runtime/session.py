@@ -60,6 +60,15 @@ class SessionConfig:
         return so
 
 
+def load_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session over one of a bundle's graphs; a one-line BundleError if it cannot load."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
+
+
 def aligned_empty(n: int, alignment: int = 64) -> npt.NDArray[np.float32]:
     """An uninitialised float32 array of ``n`` elements whose data starts on an ``alignment``-byte boundary."""
     raw = np.empty(n * 4 + alignment, dtype=np.uint8)
@@ -103,20 +112,18 @@ class FlatParameters:
 class TrainingSession:
     """Runs the bundle's loss graph with the trainable tensors bound once from ``params``."""
 
-    def __init__(self, bundle: Bundle, config: SessionConfig | None = None, params: FlatParameters | None = None):
+    def __init__(self, bundle: Bundle, config: SessionConfig | None = None, params: FlatParameters | None = None,
+                 model_path: Path | None = None):
+        """``model_path``: another graph of the bundle with the same trainable inputs (a split bundle's head)."""
         self.bundle = bundle
         self.config = config or SessionConfig()
         self.params = params if params is not None else FlatParameters.from_bundle(bundle)
         ort_path = bundle.ort_path if self.config.prefer_ort else None
-        self.model_path = ort_path or bundle.model_path
-        try:
-            self.session = ort.InferenceSession(
-                str(self.model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # onnxruntime raises its own unrelated exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{self.model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") \
-                from None
+        self.model_path = model_path or ort_path or bundle.model_path
+        self.session = load_session(self.model_path, self.config.session_options())
+        # feeds are converted to the graph's element types (token ids int64, a split head's hidden state float32)
+        self._feed_types = {i.name: np.float32 if i.type == "tensor(float)" else np.int64
+                            for i in self.session.get_inputs()}
         graph_inputs = {i.name for i in self.session.get_inputs()}
         missing = [name for name in self.params.views if name not in graph_inputs]
         if missing:
@@ -151,21 +158,24 @@ class TrainingSession:
         last row when they do not divide): ``loss`` comes back per slot, (P,); per-row outputs come back
         per row, (N, ...), as without slots.
         """
-        rows, p = input_ids.shape[0], self.slots
+        return self.run_feeds({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, outputs)
+
+    def run_feeds(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] = ("loss",)) -> dict[str, np.ndarray]:
+        """``run`` with the graph's data inputs by name (all with the batch's rows first)."""
+        rows, p = next(iter(feeds.values())).shape[0], self.slots
         pad = -rows % p
         if pad:
-            input_ids, attention_mask, labels = (np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
-                                                 for a in (input_ids, attention_mask, labels))
-        result = self._run(input_ids, attention_mask, labels, outputs)
+            feeds = {k: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for k, a in feeds.items()}
+        result = self._run(feeds, outputs)
         if p > 1:
             result = {k: v if k == "loss" else v.reshape(-1, *v.shape[2:])[:rows] for k, v in result.items()}
         return result
 
-    def _run(self, input_ids, attention_mask, labels, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         b = self._binding
         # ORT binds these by pointer: keep the (possibly converted) arrays alive until the run ends.
-        feeds = {name: np.ascontiguousarray(a, dtype=np.int64)
-                 for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))}
+        feeds = {name: np.ascontiguousarray(a, dtype=self._feed_types.get(name, np.int64))
+                 for name, a in feeds.items()}
         for name, array in feeds.items():
             b.bind_cpu_input(name, array)
         # Outputs are re-bound unallocated each run: their shapes follow the batch.
@@ -177,6 +187,7 @@ class TrainingSession:
         except Exception as e:  # e.g. a sequence longer than the model's position table
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             reason = lines[-1][:300] if lines else type(e).__name__
-            raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape "
-                              f"{feeds['input_ids'].shape} ({reason})") from None
+            shape = next(iter(feeds.values())).shape
+            raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape {shape} ({reason})") \
+                from None
         return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))

@@ -17,8 +17,8 @@ losses instead of a session (``replay``).
                  and the exact gradient written by ONNX Runtime into a flat buffer of theta's layout;
                  hybrid plans then add ZO points on the tensors the graph does not differentiate.
 
-The interface leaves room for a frozen-trunk evaluator: it runs the trunk once per batch, then the
-plan's points on a head graph, in either of the first two ways.
+A split bundle (``export --split``) uses the first two as they are: its forward function runs the frozen
+trunk once per batch and the head at each point (``trainer._forward_of``).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -28,6 +29,7 @@ from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Batch
 from pocketzo.runtime.gradient_session import GradientSession
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
+from pocketzo.runtime.split_session import SplitSession
 from pocketzo.zo_trainer.estimators import Estimate, Estimator, Plan, Point, make_estimator
 from pocketzo.zo_trainer.evaluators import (
     Evaluator,
@@ -184,16 +186,18 @@ def build_first_order_trainer(params: FlatParameters, gradient: FlatParameters, 
     return Trainer(method, make_estimator(method), evaluator, rule)
 
 
-Session = TrainingSession | GradientSession
+Session = TrainingSession | SplitSession | GradientSession
 
 
 def open_session(bundle: Bundle, config: SessionConfig, method: Method,
                  params: FlatParameters | None = None) -> Session:
-    """The session a method trains with: the loss graph for ZO, the gradient graph for fo and hybrid (which
-    also evaluates, with its backward pass switched off, so the frozen weights are loaded once)."""
+    """The session a method trains with: for ZO the loss graph, or a split bundle's trunk and head; for fo and
+    hybrid the gradient graph (which also evaluates, with its backward pass switched off, so the frozen weights
+    are loaded once)."""
     params = params if params is not None else FlatParameters.from_bundle(bundle)
     if not method.first_order:
-        return TrainingSession(bundle, config, params)
+        split = bundle.manifest.split is not None
+        return SplitSession(bundle, config, params) if split else TrainingSession(bundle, config, params)
     if bundle.manifest.slots > 1:
         raise ValueError(f"--method {method.method} trains one copy of the weights: export the bundle without --slots")
     return GradientSession(bundle, config, params)
@@ -236,15 +240,31 @@ def make_trainer(session: Session, method: Method, threads: int = 0) -> Trainer:
     if isinstance(session, GradientSession):
         raise ValueError("--method zo runs on the loss graph: open it with open_session")
     method = resolve_directions(method, session.slots)
+    rows, run = _forward_of(session)
     if session.slots == 1:
         def point_loss(plan: Plan, point: Point, b: Batch) -> float:
-            return float(session.run(b.input_ids, b.attention_mask, b.labels)["loss"])
+            return float(run(*rows(b))["loss"])
 
         return build_trainer(session.params, 1, method, threads, point_loss)
 
     def plan_losses(plan: Plan, b: Batch) -> np.ndarray:  # the batch once per slot: rows are grouped slot-major
-        rows = [np.tile(a, (session.slots,) + (1,) * (a.ndim - 1)) for a in (b.input_ids, b.attention_mask,
-                                                                             b.labels)]
-        return session.run(*rows)["loss"]
+        return run(*(np.tile(a, (session.slots,) + (1,) * (a.ndim - 1)) for a in rows(b)))["loss"]
 
     return build_trainer(session.params, session.slots, method, threads, plan_losses)
+
+
+def _forward_of(session: TrainingSession | SplitSession) -> tuple[Callable[[Batch], tuple[np.ndarray, ...]],
+                                                                  Callable[..., dict[str, np.ndarray]]]:
+    """A ZO forward pass as (the graph's row inputs for a batch, the run over them). A split bundle's rows start
+    with the trunk's output, computed at a batch's first point and reused for its others: a step costs one
+    trunk and one head per point."""
+    if isinstance(session, TrainingSession):
+        return (lambda b: (b.input_ids, b.attention_mask, b.labels)), session.run
+    last: list = [None, None]  # the batch the trunk last ran on, its output
+
+    def rows(b: Batch) -> tuple[np.ndarray, ...]:
+        if last[0] is not b:
+            last[:] = [b, session.trunk(b.input_ids, b.attention_mask)]
+        return last[1], b.attention_mask, b.labels
+
+    return rows, session.run_head

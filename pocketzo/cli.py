@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("bundle")
     _add_dataclass_flags(b, BenchConfig, {"version"}, help={
         "memory_budget": "run under this address-space limit (e.g. 4G) and report whether it fits",
+        "split": "a split bundle (export --split): train on its trunk and head; off: on its whole loss graph",
         "profile": "a phone preset: " + ", ".join(f"{k} ({v.app_budget}, {v.threads} threads)"
                                                   for k, v in PROFILES.items())})
     b.add_argument("--json", help="write the full report (with the memory timeline) to this file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -56,6 +58,18 @@ def test_bench_reports_every_number(bundles, tmp_path):
 
     png = bench_figure(r, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_bench_of_a_split_bundle_times_trunk_and_head(bundles):
+    lines = []
+    cfg = BenchConfig(batch_size=2, seq_len=8, threads=1, steps=3, warmup=1, recipe="zo-sgd")
+    r = run_bench(bundles("llama-lora-split"), cfg, log=lines.append)
+    assert r["trunk_s"] > 0 and r["head_s"] > 0 and r["points_per_step"] == 2
+    assert r["split_floor_ratio"] == pytest.approx(r["step_s"] / (r["trunk_s"] + 2 * r["head_s"]))
+    assert r["step_forward_equivalents"] == pytest.approx(r["step_s"] / r["forward_baked_s"])
+    assert any("split at layer 1" in line for line in lines) and any("split: trunk" in line for line in lines)
+    whole = run_bench(bundles("llama-lora-split"), replace(cfg, split=False), log=lambda _: None)
+    assert whole["trunk_s"] is None and whole["split_floor_ratio"] is None
 
 
 def test_memory_budget_fits_or_says_what_it_needs(bundles):

@@ -9,7 +9,9 @@ Two measurements, each in a fresh process so that each peak RSS is its own:
 
 Both use the same session settings, batch and threads. A memory budget runs both under
 RLIMIT_AS. The overhead ratio is step / (2 x baked forward): 1.0 is the physical floor of a
-two-sided ZO step.
+two-sided ZO step on the whole graph. The step in forward-equivalents is step / baked forward (the baked
+graph is the whole loss graph, also for a split bundle). A split bundle's train process also times its
+trunk and head alone (``trunk_s``, ``head_s``); its floor is trunk + (points per step) x head.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from pocketzo.runtime.bundle import Bundle
 from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES
 from pocketzo.zo_trainer.noise import Distribution
 
-BENCH_VERSION = 2  # 2: the step of a recipe (was always plain ZO-SGD)
+BENCH_VERSION = 3  # 3: split bundles (trunk_s, head_s), step_forward_equivalents; 2: the step of a recipe
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class BenchConfig:
     recipe: str = DEFAULT_RECIPE  # the training method whose step is timed (pocketzo train --recipe)
     perturbation: Distribution = "rademacher"
     cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
+    split: bool = True  # train on a split bundle's trunk and head (false: on its whole loss graph)
     memory_budget: str | None = None  # e.g. 4G: run under this address-space limit
     profile: str | None = None  # a phone profile: sets threads and memory_budget unless given
     version: int = BENCH_VERSION
@@ -121,6 +124,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
 
     from pocketzo.runtime.data import Batch
     from pocketzo.runtime.session import SessionConfig
+    from pocketzo.runtime.split_session import SplitSession
     from pocketzo.zo_trainer.method import Method
     from pocketzo.zo_trainer.trainer import make_trainer, open_session
 
@@ -143,16 +147,22 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     else:
         method = Method(**{"steps": cfg.steps + cfg.warmup, **RECIPES[cfg.recipe], "lr": 0.0,
                            "perturbation": cfg.perturbation})
-        session = open_session(bundle, session_config, method)  # fo / hybrid: the gradient graph, forward alone
+        # fo / hybrid: the gradient graph, forward alone
+        session = open_session(bundle, session_config, method, split=cfg.split)
         out["load_s"] = time.perf_counter() - t0
         out["rss_loaded_mb"] = rss_mb()
         out["trainable_parameters"] = session.params.numel
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: session.run(ids, mask, labels), cfg.steps, cfg.warmup)))
+        if isinstance(session, SplitSession):
+            hidden = session.trunk(ids, mask)
+            out.update(_stats("trunk", _timed(lambda: session.trunk(ids, mask), cfg.steps, cfg.warmup)))
+            out.update(_stats("head", _timed(lambda: session.run_head(hidden, mask, labels), cfg.steps, cfg.warmup)))
+        out["points_per_step"] = method.forwards_per_step()
         sampler.mark("training steps")
         trainer = make_trainer(session, method, cfg.threads)
-        batch = Batch(ids, mask, labels)
-        records = [trainer.step(i, batch) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
+        # a new batch each step, as in training: a split bundle's trunk runs once per batch, not once per bench
+        records = [trainer.step(i, Batch(ids, mask, labels)) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
         trainer.close()
         out.update(_stats("step", [r.seconds for r in records]))
         out["step_forward_s"] = statistics.median(r.forward_seconds for r in records)
@@ -222,8 +232,10 @@ def run_bench(bundle_path: str | Path, config: BenchConfig, log=print) -> dict:
         workdir = tempfile.TemporaryDirectory(prefix="pocketzo-bake-")
     with workdir as tmp:
         baked = bake(bundle, tmp)
+        split = bundle.manifest.split
+        graph = "" if split is None else (f"split at layer {split.layer}, " if cfg.split else "whole graph, ")
         log(f"bench: {bundle.path} batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.threads} threads, "
-            f"recipe {cfg.recipe}, {cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, "
+            f"recipe {cfg.recipe}, {cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, {graph}"
             f"{cfg.warmup} warm-up + {cfg.steps} timed"
             + (f", memory budget {cfg.memory_budget}" if limit else ""))
         runs = {mode: _spawn(mode, bundle, cfg, baked if mode == "baked" else None, limit)
@@ -269,6 +281,12 @@ def _report(bundle: Bundle, cfg: BenchConfig, baked: dict, train: dict, fits: di
         "step_forward_s": train["step_forward_s"],
         "step_noise_s": train["step_noise_s"],
         "overhead_ratio": train["step_s"] / (2 * baked["forward_s"]),
+        "step_forward_equivalents": train["step_s"] / baked["forward_s"],
+        "points_per_step": train["points_per_step"],
+        "trunk_s": train.get("trunk_s"),
+        "head_s": train.get("head_s"),
+        "split_floor_ratio": (train["step_s"] / (train["trunk_s"] + train["points_per_step"] * train["head_s"])
+                              if "trunk_s" in train and bundle.manifest.slots == 1 else None),
         "tokens_per_s": tokens / baked["forward_s"],
         "train_tokens_per_s": tokens / train["step_s"],
         "peak_rss_mb": train["peak_rss_mb"],
@@ -298,6 +316,7 @@ def format_report(r: dict) -> list[str]:
         f"  training step             {ms(r['step_s'])}  p90 {ms(r['step_p90_s']).strip()}"
         f"  = forwards {ms(r['step_forward_s']).strip()} + noise passes {ms(r['step_noise_s']).strip()}",
         f"  overhead ratio            {r['overhead_ratio']:.3f}  (step / 2 baked forwards; 1.0 is the floor)",
+        f"  step                      {r['step_forward_equivalents']:.3f} forward-equivalents (step / baked forward)",
         f"  tokens/s                  {r['tokens_per_s']:,.0f} inference, {r['train_tokens_per_s']:,.0f} training",
         f"  peak RSS                  {r['peak_rss_mb']:,.0f} MB training, {r['inference_peak_rss_mb']:,.0f} MB "
         f"inference (ratio {r['memory_ratio']:.3f})",
@@ -305,6 +324,10 @@ def format_report(r: dict) -> list[str]:
         f"{split['weights_and_session']:,.0f} MB weights+session, {split['activations_and_arena']:,.0f} MB "
         "activations+arena",
     ]
+    if r.get("trunk_s") is not None:
+        floor = (f"; step / (trunk + {r['points_per_step']} x head) {r['split_floor_ratio']:.3f}"
+                 if r.get("split_floor_ratio") is not None else "")
+        lines.insert(5, f"  split: trunk {ms(r['trunk_s']).strip()}, head {ms(r['head_s']).strip()}{floor}")
     fits = r.get("fits")
     if fits:
         budget = f"{fits['budget_mb'] / 1e3:.2f} GB"

@@ -190,14 +190,15 @@ Session = TrainingSession | SplitSession | GradientSession
 
 
 def open_session(bundle: Bundle, config: SessionConfig, method: Method,
-                 params: FlatParameters | None = None) -> Session:
-    """The session a method trains with: for ZO the loss graph, or a split bundle's trunk and head; for fo and
-    hybrid the gradient graph (which also evaluates, with its backward pass switched off, so the frozen weights
-    are loaded once)."""
+                 params: FlatParameters | None = None, split: bool = True) -> Session:
+    """The session a method trains with: for ZO a split bundle's trunk and head (unless ``split`` is false) or the
+    loss graph; for fo and hybrid the gradient graph (which also evaluates, with its backward pass switched off,
+    so the frozen weights are loaded once)."""
     params = params if params is not None else FlatParameters.from_bundle(bundle)
     if not method.first_order:
-        split = bundle.manifest.split is not None
-        return SplitSession(bundle, config, params) if split else TrainingSession(bundle, config, params)
+        if split and bundle.manifest.split is not None:
+            return SplitSession(bundle, config, params)
+        return TrainingSession(bundle, config, params)
     if bundle.manifest.slots > 1:
         raise ValueError(f"--method {method.method} trains one copy of the weights: export the bundle without --slots")
     return GradientSession(bundle, config, params)

@@ -39,6 +39,10 @@ TRAIN_HELP = {
 POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
     "memory_budget": "refuse to start if the run would need more memory than this, e.g. 3G",
+    "cache_trunk": "a split bundle (export --split): compute the training set's trunk outputs once into this "
+                   "directory (float16, memory-mapped, resumable) and train on the head alone",
+    "split": "a split bundle: run its frozen trunk once per batch and its head at each point (--no-split: the "
+             "whole loss graph at each point)",
     "eval_every": "steps between evaluations of --eval (0: before and after only)",
     "eval_batch_size": "rows per evaluation batch (fo, hybrid: at most --batch-size, which bounds the gradient "
                        "graph's memory)",

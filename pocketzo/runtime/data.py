@@ -44,6 +44,7 @@ class Batch:
     input_ids: npt.NDArray[np.int64]  # (B, T)
     attention_mask: npt.NDArray[np.int64]  # (B, T)
     labels: npt.NDArray[np.int64]  # (B, T) token targets for causal-lm, (B,) class indices for classify
+    rows: npt.NDArray[np.int64] | None = None  # (B,) the data set's row indices, when it came from one
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Dataset:
             labels = np.full((len(rows), t), IGNORE, dtype=np.int64)
             for j, i in enumerate(indices):
                 labels[j, : len(self.token_labels[i])] = self.token_labels[i]
-        return Batch(ids, mask, labels)
+        return Batch(ids, mask, labels, np.asarray(indices, dtype=np.int64))
 
     def lengths(self) -> npt.NDArray[np.int64]:
         return np.array([len(r) for r in self.ids], dtype=np.int64)

@@ -177,6 +177,8 @@ class RunPolicy:
     max_failures: int = 5  # consecutive undone steps before the run stops
     memory_budget: str | None = None  # e.g. 3G: refuse to start a run that would not fit
     progress: bool = True  # a progress bar on stderr
+    cache_trunk: str | None = None  # a split bundle: this directory caches the training set's trunk outputs
+    split: bool = True  # a split bundle: train on its trunk and head (false: on its whole loss graph)
 
     def __post_init__(self) -> None:
         _check([

@@ -27,7 +27,8 @@ from pocketzo.mobile_harness.memory import peak_rss_mb
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import SessionConfig
-from pocketzo.zo_trainer.budget import check_memory, eval_batch_size
+from pocketzo.runtime.trunk_cache import TrunkCache
+from pocketzo.zo_trainer.budget import check_memory, eval_batch_size, trunk_cache
 from pocketzo.zo_trainer.checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -76,10 +77,11 @@ class _Loop:
     """The state of one run: session, trainer, data and what has been measured so far."""
 
     def __init__(self, session: Session, method: Method, policy: RunPolicy, train_data: Dataset,
-                 eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None):
+                 eval_data: Dataset | None, run_dir: Path, start: CheckpointState | None,
+                 cache: TrunkCache | None = None):
         self.session, self.method, self.policy = session, method, policy
         self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
-        self.trainer = make_trainer(session, method, policy.threads)
+        self.trainer = make_trainer(session, method, policy.threads, cache)
         if start:
             load_optimizer(run_dir, start, self.trainer.state)
         self.sampler = BatchSampler(len(train_data), method.batch_size, method.seed)
@@ -242,8 +244,9 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
     encoder = TextEncoder(bundle)
     train_data = load_data(encoder, rc.train_data)
     eval_data = load_data(encoder, rc.eval_data) if rc.eval_data else None
-    session = open_session(bundle, rc.session, method)
-    memory = check_memory(session, train_data, method, policy) if policy.memory_budget else None
+    session = open_session(bundle, rc.session, method, split=policy.split)
+    cache = trunk_cache(session, train_data, method, policy)
+    memory = check_memory(session, train_data, method, policy, cache) if policy.memory_budget else None
     checkpoint = None
     if start:
         checkpoint = latest_checkpoint(out, session.params)
@@ -256,7 +259,7 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
         start_logs(out)
     rc.save(out)
 
-    loop = _Loop(session, method, policy, train_data, eval_data, out, checkpoint)
+    loop = _Loop(session, method, policy, train_data, eval_data, out, checkpoint, cache)
     initial = loop.evaluate(0) if checkpoint is None else None
     if initial and policy.progress:
         print("before training: " + json.dumps(initial.to_json()), file=sys.stderr)

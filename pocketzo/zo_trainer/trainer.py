@@ -30,6 +30,7 @@ from pocketzo.runtime.data import Batch
 from pocketzo.runtime.gradient_session import GradientSession
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
 from pocketzo.runtime.split_session import SplitSession
+from pocketzo.runtime.trunk_cache import TrunkCache
 from pocketzo.zo_trainer.estimators import Estimate, Estimator, Plan, Point, make_estimator
 from pocketzo.zo_trainer.evaluators import (
     Evaluator,
@@ -214,9 +215,10 @@ def hybrid_split(session: GradientSession) -> int:
     return specs[first].offset if first < len(specs) else session.params.buffer.shape[0]
 
 
-def make_trainer(session: Session, method: Method, threads: int = 0) -> Trainer:
+def make_trainer(session: Session, method: Method, threads: int = 0, cache: TrunkCache | None = None) -> Trainer:
     """The trainer of a session (``open_session``): sequential, slotted when the bundle has perturbation
-    slots, or first-order / hybrid over the bundle's gradient graph (sharing the session's weight buffer)."""
+    slots, or first-order / hybrid over the bundle's gradient graph (sharing the session's weight buffer).
+    ``cache``: a split session's trunk outputs for the training set (batches must carry their rows)."""
     if method.first_order:
         if not isinstance(session, GradientSession):
             raise ValueError(f"--method {method.method} runs on the gradient graph: open it with open_session")
@@ -241,7 +243,7 @@ def make_trainer(session: Session, method: Method, threads: int = 0) -> Trainer:
     if isinstance(session, GradientSession):
         raise ValueError("--method zo runs on the loss graph: open it with open_session")
     method = resolve_directions(method, session.slots)
-    rows, run = _forward_of(session)
+    rows, run = _forward_of(session, cache)
     if session.slots == 1:
         def point_loss(plan: Plan, point: Point, b: Batch) -> float:
             return float(run(*rows(b))["loss"])
@@ -254,18 +256,27 @@ def make_trainer(session: Session, method: Method, threads: int = 0) -> Trainer:
     return build_trainer(session.params, session.slots, method, threads, plan_losses)
 
 
-def _forward_of(session: TrainingSession | SplitSession) -> tuple[Callable[[Batch], tuple[np.ndarray, ...]],
-                                                                  Callable[..., dict[str, np.ndarray]]]:
+def _forward_of(session: TrainingSession | SplitSession, cache: TrunkCache | None = None) \
+        -> tuple[Callable[[Batch], tuple[np.ndarray, ...]], Callable[..., dict[str, np.ndarray]]]:
     """A ZO forward pass as (the graph's row inputs for a batch, the run over them). A split bundle's rows start
-    with the trunk's output, computed at a batch's first point and reused for its others: a step costs one
-    trunk and one head per point."""
+    with the trunk's output, computed at a batch's first point and reused for its others (a step costs one
+    trunk and one head per point), or read from ``cache`` (one head per point)."""
     if isinstance(session, TrainingSession):
+        if cache is not None:
+            raise ValueError("--cache-trunk needs a split bundle (pocketzo export --split auto)")
         return (lambda b: (b.input_ids, b.attention_mask, b.labels)), session.run
     last: list = [None, None]  # the batch the trunk last ran on, its output
 
+    def trunk(b: Batch) -> np.ndarray:
+        if cache is None:
+            return session.trunk(b.input_ids, b.attention_mask)
+        if b.rows is None:
+            raise ValueError("a batch without its data set rows cannot be read from the trunk cache")
+        return cache.rows(b.rows, b.input_ids.shape[1])
+
     def rows(b: Batch) -> tuple[np.ndarray, ...]:
         if last[0] is not b:
-            last[:] = [b, session.trunk(b.input_ids, b.attention_mask)]
+            last[:] = [b, trunk(b)]
         return last[1], b.attention_mask, b.labels
 
     return rows, session.run_head

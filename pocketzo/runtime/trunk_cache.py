@@ -1,0 +1,160 @@
+"""A training set's trunk outputs, computed once (``train --cache-trunk DIR``), so that training runs only the head.
+
+A split bundle's trunk has no trainable input: its output for a row never changes during training. The
+cache stores it for every row of the training file, as float16, in a memory-mapped file. ``DIR`` holds:
+
+    hidden.f16          float16 (tokens, hidden size): each row's real (unpadded) positions, rows in file order
+    trunk_cache.json    what the cache was made from (the trunk graph, the tokenizer and the data file by
+                        sha256, max length, rows, tokens, hidden size) and the chunks written so far, each
+                        with the sha256 of its bytes
+
+It is built in chunks of ``CHUNK_ROWS`` rows. A chunk is listed only after its bytes are flushed to the
+file, so a build killed at any point continues where it stopped. A listed chunk whose bytes no longer
+match its checksum (a torn or changed file) is refused, as is a cache made from another bundle, data file
+or max length. A batch read from the cache has zeros at its padded positions, which the head masks exactly
+as the whole graph masks its own padded positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from pocketzo._io import sha256_file, write_json
+from pocketzo._progress import Progress
+from pocketzo.errors import PocketzoError
+from pocketzo.runtime.data import Dataset
+from pocketzo.runtime.split_session import SplitSession
+
+FORMAT, VERSION = "pocketzo-trunk-cache", 1
+HIDDEN_FILE, STATE_FILE = "hidden.f16", "trunk_cache.json"
+CHUNK_ROWS = 16
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class TrunkCache:
+    """The cached trunk outputs of a data set's rows (``open_trunk_cache``)."""
+
+    directory: Path
+    offsets: npt.NDArray[np.int64]  # (rows + 1,): row i's positions are hidden[offsets[i]:offsets[i + 1]]
+    hidden: np.memmap  # (tokens, hidden size) float16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.hidden.nbytes)
+
+    def rows(self, indices: npt.NDArray[np.int64], seq: int) -> npt.NDArray[np.float32]:
+        """The trunk's output for the rows at ``indices``, right-padded with zeros to ``seq``: (rows, seq, H)."""
+        out = np.zeros((len(indices), seq, self.hidden.shape[1]), dtype=np.float32)
+        for j, i in enumerate(indices):
+            start, end = self.offsets[i], self.offsets[i + 1]
+            out[j, : end - start] = self.hidden[start:end]
+        return out
+
+
+def open_trunk_cache(directory: str | Path, session: SplitSession, data: Dataset, budget_bytes: int | None = None,
+                     progress: bool = True) -> TrunkCache:
+    """The cache of ``data``'s trunk outputs in ``directory``: checked and opened, continued, or built."""
+    directory = Path(directory)
+    identity = _identity(session, data)
+    lengths = data.lengths()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    size = int(offsets[-1]) * identity["hidden_size"] * 2
+    state_path, hidden_path = directory / STATE_FILE, directory / HIDDEN_FILE
+    chunks: dict[str, str] = {}
+    if state_path.is_file():
+        state = _read_state(state_path)
+        for key, what in (("trunk_sha256", "another bundle's trunk graph"), ("data_sha256", "another data file"),
+                          ("tokenizer_sha256", "another tokenizer"), ("max_length", "another max length"),
+                          ("format", "another format"), ("version", "another format version")):
+            if state.get(key) != identity[key]:
+                raise PocketzoError(f"{directory}: a trunk cache made from {what} ({key} differs); delete it or "
+                                    "choose another --cache-trunk directory")
+        chunks = dict(state.get("chunks", {}))
+    elif directory.exists() and any(directory.iterdir()):
+        raise PocketzoError(f"{directory}: exists and is not a trunk cache (no {STATE_FILE}); choose an empty or "
+                            "new --cache-trunk directory")
+    n_chunks = -(-len(lengths) // CHUNK_ROWS)
+    _say(f"{directory}: {len(lengths):,} rows, {int(offsets[-1]):,} tokens, {size / 1e6:,.1f} MB as float16 "
+         f"({len(chunks)} of {n_chunks} chunks done)")
+    if budget_bytes is not None and size > budget_bytes:
+        raise PocketzoError(f"{directory}: the trunk cache takes {size / 1e6:,.0f} MB, more than --memory-budget "
+                            f"({budget_bytes / 1e6:,.0f} MB): training reads all of it each epoch; train without "
+                            "--cache-trunk or on fewer rows")
+    directory.mkdir(parents=True, exist_ok=True)
+    have = hidden_path.stat().st_size if hidden_path.is_file() else 0
+    if chunks and have != size:
+        raise PocketzoError(f"{hidden_path}: {have:,} bytes where the cache needs {size:,} (a torn file); delete "
+                            f"{directory} to rebuild it")
+    free = shutil.disk_usage(directory).free
+    if size - have > free:
+        raise PocketzoError(f"{directory}: the trunk cache needs {size / 1e6:,.0f} MB and the disk has "
+                            f"{free / 1e6:,.0f} MB free; free some space or choose another --cache-trunk directory")
+    if have != size:
+        with open(hidden_path, "ab") as f:
+            f.truncate(size)
+    hidden = np.memmap(hidden_path, dtype=np.float16, mode="r+", shape=(int(offsets[-1]), identity["hidden_size"]))
+    _verify(hidden, offsets, chunks, hidden_path)
+    todo = [c for c in range(n_chunks) if str(c) not in chunks]
+    with Progress(len(todo), "trunk cache", enabled=progress and bool(todo)) as bar:
+        for c in todo:
+            rows = np.arange(c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(lengths)))
+            b = data.batch(rows)
+            out = session.trunk(b.input_ids, b.attention_mask)  # (rows, T, H) float32
+            largest = float(np.abs(out).max())
+            if not largest <= FLOAT16_MAX:
+                raise PocketzoError(f"{directory}: the trunk's outputs exceed float16's range ({largest:.3g}) on rows "
+                                    f"{rows[0]}..{rows[-1]}; train without --cache-trunk")
+            for j, i in enumerate(rows):
+                hidden[offsets[i]:offsets[i + 1]] = out[j, : lengths[i]]
+            hidden.flush()  # the bytes are on disk before the chunk is listed
+            chunks[str(c)] = _chunk_sha256(hidden, offsets, c)
+            write_json(state_path, {**identity, "rows": len(lengths), "tokens": int(offsets[-1]), "chunks": chunks})
+            bar.update(1)
+    return TrunkCache(directory, offsets, np.memmap(hidden_path, dtype=np.float16, mode="r",
+                                                    shape=hidden.shape))
+
+
+def _identity(session: SplitSession, data: Dataset) -> dict:
+    bundle = session.bundle
+    split = bundle.manifest.split
+    return {"format": FORMAT, "version": VERSION, "trunk_sha256": sha256_file(bundle.path / split.trunk_file),
+            "tokenizer_sha256": sha256_file(bundle.tokenizer_path), "data_sha256": sha256_file(data.path),
+            "max_length": bundle.task.max_length, "hidden_size": int(split.hidden.shape[-1])}
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PocketzoError(f"{path}: unreadable ({e}); delete {path.parent} to rebuild the trunk cache") from None
+    if not isinstance(state, dict):
+        raise PocketzoError(f"{path}: not a trunk cache state; delete {path.parent} to rebuild the trunk cache")
+    return state
+
+
+def _chunk_sha256(hidden: np.memmap, offsets: npt.NDArray[np.int64], chunk: int) -> str:
+    start = offsets[chunk * CHUNK_ROWS]
+    end = offsets[min((chunk + 1) * CHUNK_ROWS, len(offsets) - 1)]
+    return hashlib.sha256(np.ascontiguousarray(hidden[start:end]).tobytes()).hexdigest()
+
+
+def _verify(hidden: np.memmap, offsets: npt.NDArray[np.int64], chunks: dict[str, str], path: Path) -> None:
+    for key, want in chunks.items():
+        if not key.isdigit() or int(key) * CHUNK_ROWS >= len(offsets) - 1 or \
+                _chunk_sha256(hidden, offsets, int(key)) != want:
+            raise PocketzoError(f"{path}: chunk {key} does not match its checksum (the file was torn or changed); "
+                                f"delete {path.parent} to rebuild the trunk cache")
+
+
+def _say(msg: str) -> None:
+    print(f"[trunk cache] {msg}", file=sys.stderr, flush=True)
+

@@ -1,0 +1,126 @@
+"""train --cache-trunk: the training set's trunk outputs computed once (float16, memory-mapped, checksummed,
+resumable), the refusals, and training on the head alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+
+from pocketzo.errors import PocketzoError
+from pocketzo.runtime import Bundle, FlatParameters, SessionConfig
+from pocketzo.runtime import trunk_cache as tc
+from pocketzo.runtime.data import TextEncoder
+from pocketzo.runtime.split_session import SplitSession
+from pocketzo.zo_trainer import Method, RunPolicy, read_log, resume, train
+from pocketzo.zo_trainer.trainer import make_trainer
+
+
+def _open(name, bundles, data_path, directory, **kw):
+    bundle = Bundle(bundles(name))
+    session = SplitSession(bundle, SessionConfig(threads=1))
+    data = TextEncoder(bundle).dataset(data_path)
+    return session, data, tc.open_trunk_cache(directory, session, data, progress=False, **kw)
+
+
+def test_the_cache_holds_each_rows_trunk_output_in_float16(bundles, sentiment_files, tmp_path):
+    session, data, cache = _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "c")
+    assert cache.hidden.dtype == np.float16 and cache.hidden.shape[0] == int(data.lengths().sum())
+    b = data.batch(np.array([5, 3, 200, 17]))
+    live = session.trunk(b.input_ids, b.attention_mask)
+    cached = cache.rows(b.rows, b.input_ids.shape[1])
+    real = b.attention_mask.astype(bool)
+    np.testing.assert_allclose(cached[real], live[real], rtol=1e-3, atol=1e-3)  # float16 rounding
+    assert not cached[~real].any()  # padded positions read zeros
+    want = session.run_head(live, b.attention_mask, b.labels, ["example_loss"])["example_loss"]
+    got = session.run_head(cached, b.attention_mask, b.labels, ["example_loss"])["example_loss"]
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    state = json.loads((tmp_path / "c" / tc.STATE_FILE).read_text())
+    assert len(state["chunks"]) == -(-len(data) // tc.CHUNK_ROWS)
+
+
+def test_a_killed_build_continues_where_it_stopped(bundles, sentiment_files, tmp_path, monkeypatch):
+    session, data, _ = _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "whole")
+    trunk, calls = session.trunk, []
+
+    def dies_at_the_fifth_chunk(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a kill between chunks would leave it
+        return trunk(*a)
+
+    session.trunk = dies_at_the_fifth_chunk
+    with pytest.raises(KeyboardInterrupt):
+        tc.open_trunk_cache(tmp_path / "killed", session, data, progress=False)
+    assert len(json.loads((tmp_path / "killed" / tc.STATE_FILE).read_text())["chunks"]) == 4
+    session.trunk = trunk
+    rebuilt = tc.open_trunk_cache(tmp_path / "killed", session, data, progress=False)
+    assert (tmp_path / "killed" / tc.HIDDEN_FILE).read_bytes() == (tmp_path / "whole" / tc.HIDDEN_FILE).read_bytes()
+    assert rebuilt.hidden.shape[0] == int(data.lengths().sum())
+
+
+def test_a_cache_of_other_inputs_or_a_torn_file_is_refused(bundles, sentiment_files, tmp_path):
+    _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "c")
+    with pytest.raises(PocketzoError, match="another data file"):
+        _open("llama-lora-split", bundles, sentiment_files["dev"], tmp_path / "c")
+    with pytest.raises(PocketzoError, match="another bundle's trunk graph"):
+        _open("bert-bitfit-split", bundles, sentiment_files["train"], tmp_path / "c")
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "c", torn)
+    with open(torn / tc.HIDDEN_FILE, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x7f\x7f")  # a changed byte in chunk 0
+    with pytest.raises(PocketzoError, match="chunk 0 does not match its checksum"):
+        _open("llama-lora-split", bundles, sentiment_files["train"], torn)
+    with open(torn / tc.HIDDEN_FILE, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(PocketzoError, match="a torn file"):
+        _open("llama-lora-split", bundles, sentiment_files["train"], torn)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(PocketzoError, match="not a trunk cache"):
+        _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "other")
+
+
+def test_a_cache_too_large_for_the_disk_or_the_budget_is_refused(bundles, sentiment_files, tmp_path, monkeypatch):
+    with pytest.raises(PocketzoError, match="more than --memory-budget"):
+        _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "c", budget_bytes=1000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(tc.shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(PocketzoError, match="MB free"):
+        _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "d")
+    assert not (tmp_path / "d" / tc.HIDDEN_FILE).exists()
+
+
+def test_training_on_the_cache_runs_no_trunk_and_resumes_bit_for_bit(bundles, sentiment_files, tmp_path):
+    cfg = Method(steps=30, lr=5e-2, eps=1e-2, batch_size=8, seed=3)
+    bundle = bundles("llama-lora-split")
+    policy = RunPolicy(threads=1, checkpoint_every=10, progress=False, cache_trunk=str(tmp_path / "cache"))
+    summary = train(bundle, sentiment_files["train"], tmp_path / "run", cfg, policy=policy,
+                    eval_path=sentiment_files["dev"])
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"]
+    trained = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "run" / "weights.safetensors")
+    run2 = tmp_path / "run2"
+    train(bundle, sentiment_files["train"], run2, cfg, policy, eval_path=sentiment_files["dev"])
+    (run2 / "weights.safetensors").unlink()
+    shutil.rmtree(run2 / "checkpoints" / "step-00000030")
+    resume(run2)
+    assert len(read_log(run2 / "log.bin")) == 30
+    assert np.array_equal(FlatParameters.from_bundle(Bundle(bundle), run2 / "weights.safetensors").buffer,
+                          trained.buffer)
+    # the steps ran on the head alone
+    session, data, cache = _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "cache")
+    session.trunk = None  # any trunk run would fail
+    trainer = make_trainer(session, cfg, 1, cache)
+    record = trainer.step(0, data.batch(np.arange(8)))
+    assert record.status == "ok" and record.directions[0].loss_minus is not None
+
+
+def test_cache_trunk_needs_a_split_bundle(bundles, sentiment_files, tmp_path):
+    policy = RunPolicy(threads=1, progress=False, cache_trunk=str(tmp_path / "cache"))
+    with pytest.raises(PocketzoError, match="needs a split bundle"):
+        train(bundles("llama-lora"), sentiment_files["train"], tmp_path / "run", Method(steps=1, batch_size=4),
+              policy=policy)

@@ -27,7 +27,8 @@ PERSONAL_TRAIN  := --recipe zo-sgd --steps 150 --batch-size 8 --eval-batch-size 
                    --eval-every 50
 PERSONAL_PROMPT := "HAMLET\n"
 
-.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick bench-methods clean
+.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick bench-methods \
+        bench-split clean
 
 setup: $(STAMP)
 
@@ -97,6 +98,11 @@ bench-accuracy-quick: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.js
 # Exports its two gradient bundles once; resumable (one JSON per run in benchmarks/methods/).
 bench-methods: setup
 	$(PY) benchmarks/methods.py
+
+# The frozen-trunk split: step time (whole graph, split, --cache-trunk) and accuracy of ZO on the last K layers'
+# norms at equal wall-clock: docs/split.md. Exports its bundles once; resumable (benchmarks/split/).
+bench-split: setup
+	$(PY) benchmarks/split.py
 
 $(DEMO_BUNDLE)/manifest.json: | setup
 	$(PY) -m pocketzo assets

@@ -67,9 +67,10 @@ def test_bench_of_a_split_bundle_times_trunk_and_head(bundles):
     assert r["trunk_s"] > 0 and r["head_s"] > 0 and r["points_per_step"] == 2
     assert r["split_floor_ratio"] == pytest.approx(r["step_s"] / (r["trunk_s"] + 2 * r["head_s"]))
     assert r["step_forward_equivalents"] == pytest.approx(r["step_s"] / r["forward_baked_s"])
+    assert r["head_only_floor_ratio"] == pytest.approx(r["step_head_only_s"] / (2 * r["head_s"]))
     assert any("split at layer 1" in line for line in lines) and any("split: trunk" in line for line in lines)
     whole = run_bench(bundles("llama-lora-split"), replace(cfg, split=False), log=lambda _: None)
-    assert whole["trunk_s"] is None and whole["split_floor_ratio"] is None
+    assert whole["trunk_s"] is None and whole["split_floor_ratio"] is None and whole["step_head_only_s"] is None
 
 
 def test_memory_budget_fits_or_says_what_it_needs(bundles):

@@ -36,7 +36,7 @@ def test_gradients_match_autograd(name, bundles):
     bundle = Bundle(bundles(name))
     m = bundle.manifest
     assert m.gradient_file == "gradients.onnx" and m.files["gradient_model"] == "gradients.onnx"
-    assert m.format_version == 4
+    assert m.format_version >= 4  # the gated gradient graph came with version 4
     assert m.gradient_tensors == tuple(t.name for t in m.trainable)  # all of them without --gradient-layers
     record = m.export["gradient_parity"]
     assert record["tolerance"] == TOLERANCE == 1e-5

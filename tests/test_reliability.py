@@ -146,8 +146,8 @@ def test_replay_cli_rebuilds_the_weights_from_the_binary_log(bundles, reference,
 def test_divergence_is_undone_backed_off_logged_and_replayed(bundles, sentiment_files, tmp_path, monkeypatch):
     bad_steps = {12, 13, 30}
 
-    def flaky_trainer(session, method, threads=0):
-        trainer = make_trainer(session, method, threads)
+    def flaky_trainer(session, method, threads=0, cache=None):
+        trainer = make_trainer(session, method, threads, cache)
         original = trainer.evaluator._loss
         trainer.evaluator._loss = lambda plan, point, batch: (float("nan") if plan.step in bad_steps else
                                                               original(plan, point, batch))
@@ -182,8 +182,8 @@ def test_an_undone_step_restores_the_weights_to_float32_rounding(bundles, sentim
 
 
 def test_repeated_divergence_stops_the_run_without_saving_weights(bundles, sentiment_files, tmp_path, monkeypatch):
-    def exploding_trainer(session, method, threads=0):
-        trainer = make_trainer(session, method, threads)
+    def exploding_trainer(session, method, threads=0, cache=None):
+        trainer = make_trainer(session, method, threads, cache)
         trainer.evaluator._loss = lambda plan, point, batch: float("inf")
         return trainer
 

@@ -11,7 +11,9 @@ Both use the same session settings, batch and threads. A memory budget runs both
 RLIMIT_AS. The overhead ratio is step / (2 x baked forward): 1.0 is the physical floor of a
 two-sided ZO step on the whole graph. The step in forward-equivalents is step / baked forward (the baked
 graph is the whole loss graph, also for a split bundle). A split bundle's train process also times its
-trunk and head alone (``trunk_s``, ``head_s``); its floor is trunk + (points per step) x head.
+trunk and head alone (``trunk_s``, ``head_s``), and steps that reuse one batch's trunk output
+(``step_head_only_s``, what ``train --cache-trunk`` does, without reading the cache); the floors are
+trunk + (points per step) x head, and (points per step) x head.
 """
 
 from __future__ import annotations
@@ -163,6 +165,12 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         trainer = make_trainer(session, method, cfg.threads)
         # a new batch each step, as in training: a split bundle's trunk runs once per batch, not once per bench
         records = [trainer.step(i, Batch(ids, mask, labels)) for i in range(cfg.warmup + cfg.steps)][cfg.warmup:]
+        if isinstance(session, SplitSession):  # one batch for every step: its trunk output is reused, as cached
+            sampler.mark("head-only steps")
+            batch = Batch(ids, mask, labels)
+            n = cfg.warmup + cfg.steps
+            cached = [trainer.step(n + i, batch) for i in range(max(cfg.warmup, 1) + cfg.steps)][-cfg.steps:]
+            out.update(_stats("step_head_only", [r.seconds for r in cached]))
         trainer.close()
         out.update(_stats("step", [r.seconds for r in records]))
         out["step_forward_s"] = statistics.median(r.forward_seconds for r in records)
@@ -287,6 +295,9 @@ def _report(bundle: Bundle, cfg: BenchConfig, baked: dict, train: dict, fits: di
         "head_s": train.get("head_s"),
         "split_floor_ratio": (train["step_s"] / (train["trunk_s"] + train["points_per_step"] * train["head_s"])
                               if "trunk_s" in train and bundle.manifest.slots == 1 else None),
+        "step_head_only_s": train.get("step_head_only_s"),
+        "head_only_floor_ratio": (train["step_head_only_s"] / (train["points_per_step"] * train["head_s"])
+                                  if "trunk_s" in train and bundle.manifest.slots == 1 else None),
         "tokens_per_s": tokens / baked["forward_s"],
         "train_tokens_per_s": tokens / train["step_s"],
         "peak_rss_mb": train["peak_rss_mb"],
@@ -328,6 +339,10 @@ def format_report(r: dict) -> list[str]:
         floor = (f"; step / (trunk + {r['points_per_step']} x head) {r['split_floor_ratio']:.3f}"
                  if r.get("split_floor_ratio") is not None else "")
         lines.insert(5, f"  split: trunk {ms(r['trunk_s']).strip()}, head {ms(r['head_s']).strip()}{floor}")
+        head_only = (f" = {r['head_only_floor_ratio']:.3f} x ({r['points_per_step']} x head)"
+                     if r.get("head_only_floor_ratio") is not None else "")
+        lines.insert(6, f"  step, trunk output given {ms(r['step_head_only_s'])}{head_only}  (as with --cache-trunk, "
+                        "without reading the cache)")
     fits = r.get("fits")
     if fits:
         budget = f"{fits['budget_mb'] / 1e3:.2f} GB"

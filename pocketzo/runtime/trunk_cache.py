@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class TrunkCache:
     directory: Path
     offsets: npt.NDArray[np.int64]  # (rows + 1,): row i's positions are hidden[offsets[i]:offsets[i + 1]]
     hidden: np.memmap  # (tokens, hidden size) float16
+    build_seconds: float = 0.0  # spent computing chunks when it was opened (0: it was complete)
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +106,7 @@ def open_trunk_cache(directory: str | Path, session: SplitSession, data: Dataset
     hidden = np.memmap(hidden_path, dtype=np.float16, mode="r+", shape=(int(offsets[-1]), identity["hidden_size"]))
     _verify(hidden, offsets, chunks, hidden_path)
     todo = [c for c in range(n_chunks) if str(c) not in chunks]
+    start = time.perf_counter()
     with Progress(len(todo), "trunk cache", enabled=progress and bool(todo)) as bar:
         for c in todo:
             rows = np.arange(c * CHUNK_ROWS, min((c + 1) * CHUNK_ROWS, len(lengths)))
@@ -119,8 +122,8 @@ def open_trunk_cache(directory: str | Path, session: SplitSession, data: Dataset
             chunks[str(c)] = _chunk_sha256(hidden, offsets, c)
             write_json(state_path, {**identity, "rows": len(lengths), "tokens": int(offsets[-1]), "chunks": chunks})
             bar.update(1)
-    return TrunkCache(directory, offsets, np.memmap(hidden_path, dtype=np.float16, mode="r",
-                                                    shape=hidden.shape))
+    return TrunkCache(directory, offsets, np.memmap(hidden_path, dtype=np.float16, mode="r", shape=hidden.shape),
+                      time.perf_counter() - start if todo else 0.0)
 
 
 def _identity(session: SplitSession, data: Dataset) -> dict:

@@ -272,6 +272,8 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
         "truncated_rows": {"train": train_data.n_truncated, "dev": eval_data.n_truncated if eval_data else 0},
         "method": method.to_json(), "policy": policy.to_json(),
         "resumed_from_step": checkpoint.step if checkpoint else None, "memory_check": memory,
+        "trunk_cache": None if cache is None else {"directory": str(cache.directory), "rows": len(cache.offsets) - 1,
+                                                   "bytes": cache.nbytes, "build_seconds": cache.build_seconds},
     }
     try:
         loop.run()

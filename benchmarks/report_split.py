@@ -81,13 +81,14 @@ def _accuracy(runs: dict, rows: dict, budget: float) -> list[str]:
             continue
         got = [r for (n, _), r in sorted(runs.items()) if n == name]
         if not got:
-            lines.append(f"| {name.removeprefix('norms')} | {row.what} | 0 | not run yet | | |")
+            lines.append(f"| {name.removeprefix('norms').split('-')[0]} | {row.what} | 0 | not run yet | | |")
             continue
         acc = [a for r in got if (a := _at(r["curve"], budget)) is not None]
         step = statistics.median(r["step_seconds_median"] for r in got)
         spread = f" ± {statistics.stdev(acc) * 100:.1f}" if len(acc) > 1 else ""
         zero = got[0]["curve"][0]["accuracy"]
-        lines.append(f"| {name.removeprefix('norms')} | {row.what} | {len(got)} | {step:.3f} s | {budget / step:.0f} | "
+        k = name.removeprefix("norms").split("-")[0]
+        lines.append(f"| {k} | {row.what} | {len(got)} | {step:.3f} s | {budget / step:.0f} | "
                      f"{statistics.mean(acc) * 100:.1f}{spread} % (zero-shot {zero * 100:.1f} %) |")
     return lines
 

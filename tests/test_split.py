@@ -72,6 +72,17 @@ def test_trunk_then_head_is_the_whole_graph(name, bundles, sentiment_files, tmp_
     want, got = whole.run(*rows, outputs=outputs), parts.run(*rows, outputs=outputs)
     for key in outputs:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    odd = tuple(a[:3] for a in rows)  # with P slots, rows that do not divide into P groups
+    np.testing.assert_allclose(parts.run(*odd)["loss"], whole.run(*odd)["loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_layers_equal_to_the_depth_still_keep_the_embeddings_frozen(tiny_models, tmp_path):
+    m = export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
+        task="causal-lm", trainable="all", trainable_layers=2, max_length=32))
+    names = [t.name for t in m.trainable]
+    assert "model.norm.weight" in names and "model.layers.0.input_layernorm.weight" in names
+    assert "model.embed_tokens.weight" not in names  # --trainable-layers never trains the input side
+    assert m.format_version == 4 and m.split is None  # no split: readable by version-4 readers
 
 
 def test_trainable_layers_train_only_the_top_layers(bundles):
@@ -109,8 +120,9 @@ def test_bad_split_options_are_refused(kw, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"trainable": r"layers\.", "split": "auto"}, "leaves no frozen trunk"),  # layer 0 trains
-    ({"trainable": r"norm\.weight$", "split": "2"}, r"is in layer 0, below the split"),
+    ({"trainable": r"layers\.", "split": "auto"}, "so no layer is frozen below it"),  # layer 0 trains
+    ({"trainable": r"norm\.weight$", "trainable_layers": 1, "split": "2"}, r"is in layer 1, below the split"),
+    ({"trainable": r"norm\.weight$", "trainable_layers": 1, "split": "3"}, "the model has 2 layers"),
     ({"trainable": r"embed_tokens|layers\.1\.", "split": "auto"}, "acts below the first layer"),
     ({"trainable": r"norm\.weight$", "trainable_layers": 3}, "has 2 layers"),
 ])

@@ -31,7 +31,7 @@ def test_the_cache_holds_each_rows_trunk_output_in_float16(bundles, sentiment_fi
     assert cache.hidden.dtype == np.float16 and cache.hidden.shape[0] == int(data.lengths().sum())
     b = data.batch(np.array([5, 3, 200, 17]))
     live = session.trunk(b.input_ids, b.attention_mask)
-    cached = cache.rows(b.rows, b.input_ids.shape[1])
+    cached = cache.hidden_of(b.rows, b.input_ids.shape[1])
     real = b.attention_mask.astype(bool)
     np.testing.assert_allclose(cached[real], live[real], rtol=1e-3, atol=1e-3)  # float16 rounding
     assert not cached[~real].any()  # padded positions read zeros
@@ -42,24 +42,25 @@ def test_the_cache_holds_each_rows_trunk_output_in_float16(bundles, sentiment_fi
     assert len(state["chunks"]) == -(-len(data) // tc.CHUNK_ROWS)
 
 
-def test_a_killed_build_continues_where_it_stopped(bundles, sentiment_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dies_at", [1, 5])  # in the first chunk, and after four were written
+def test_a_killed_build_continues_where_it_stopped(dies_at, bundles, sentiment_files, tmp_path):
     session, data, _ = _open("llama-lora-split", bundles, sentiment_files["train"], tmp_path / "whole")
     trunk, calls = session.trunk, []
 
-    def dies_at_the_fifth_chunk(*a):
+    def dies(*a):
         calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # as a kill between chunks would leave it
+        if len(calls) == dies_at:
+            raise KeyboardInterrupt  # as a kill during this chunk would leave it
         return trunk(*a)
 
-    session.trunk = dies_at_the_fifth_chunk
+    session.trunk = dies
     with pytest.raises(KeyboardInterrupt):
         tc.open_trunk_cache(tmp_path / "killed", session, data, progress=False)
-    assert len(json.loads((tmp_path / "killed" / tc.STATE_FILE).read_text())["chunks"]) == 4
+    assert len(json.loads((tmp_path / "killed" / tc.STATE_FILE).read_text())["chunks"]) == dies_at - 1
     session.trunk = trunk
     rebuilt = tc.open_trunk_cache(tmp_path / "killed", session, data, progress=False)
     assert (tmp_path / "killed" / tc.HIDDEN_FILE).read_bytes() == (tmp_path / "whole" / tc.HIDDEN_FILE).read_bytes()
-    assert rebuilt.hidden.shape[0] == int(data.lengths().sum())
+    assert rebuilt.hidden.shape[0] == int(data.lengths().sum()) and rebuilt.build_seconds > 0
 
 
 def test_a_cache_of_other_inputs_or_a_torn_file_is_refused(bundles, sentiment_files, tmp_path):
@@ -102,12 +103,13 @@ def test_training_on_the_cache_runs_no_trunk_and_resumes_bit_for_bit(bundles, se
     summary = train(bundle, sentiment_files["train"], tmp_path / "run", cfg, policy=policy,
                     eval_path=sentiment_files["dev"])
     assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"]
+    assert summary["trunk_cache"]["build_seconds"] > 0 and summary["trunk_cache"]["rows"] == 256
     trained = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "run" / "weights.safetensors")
     run2 = tmp_path / "run2"
     train(bundle, sentiment_files["train"], run2, cfg, policy, eval_path=sentiment_files["dev"])
     (run2 / "weights.safetensors").unlink()
     shutil.rmtree(run2 / "checkpoints" / "step-00000030")
-    resume(run2)
+    assert resume(run2)["trunk_cache"]["build_seconds"] == 0  # the cache was complete: nothing rebuilt
     assert len(read_log(run2 / "log.bin")) == 30
     assert np.array_equal(FlatParameters.from_bundle(Bundle(bundle), run2 / "weights.safetensors").buffer,
                           trained.buffer)
@@ -119,8 +121,15 @@ def test_training_on_the_cache_runs_no_trunk_and_resumes_bit_for_bit(bundles, se
     assert record.status == "ok" and record.directions[0].loss_minus is not None
 
 
-def test_cache_trunk_needs_a_split_bundle(bundles, sentiment_files, tmp_path):
-    policy = RunPolicy(threads=1, progress=False, cache_trunk=str(tmp_path / "cache"))
-    with pytest.raises(PocketzoError, match="needs a split bundle"):
-        train(bundles("llama-lora"), sentiment_files["train"], tmp_path / "run", Method(steps=1, batch_size=4),
+@pytest.mark.parametrize("bundle, cache, more, match", [
+    ("llama-lora", "cache", {}, "needs a split bundle"),
+    ("llama-lora-split", "cache", {"split": False}, "not with --no-split"),
+    ("llama-lora-split", "run/cache", {}, "inside the run directory"),
+])
+def test_cache_trunk_is_refused_where_it_cannot_work(bundle, cache, more, match, bundles, sentiment_files,
+                                                     tmp_path):
+    policy = RunPolicy(threads=1, progress=False, cache_trunk=str(tmp_path / cache), **more)
+    with pytest.raises(PocketzoError, match=match):
+        train(bundles(bundle), sentiment_files["train"], tmp_path / "run", Method(steps=1, batch_size=4),
               policy=policy)
+    assert not (tmp_path / cache).exists()  # refused before anything was built

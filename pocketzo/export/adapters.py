@@ -30,7 +30,7 @@ BITFIT = r"(\.bias|norm\.weight|LayerNorm\.weight|layer_norm\.weight|ln_\w*\.wei
 NEW_HEAD = r"^(classifier|score)\."
 # Parameters outside the transformer layers that act below them (embeddings, OPT's project_in, virtual tokens);
 # the others (final norm, LM head, classifier, pooler) act above them.
-INPUT_SIDE = re.compile(r"embed|project_in|^prompt_embeddings$")
+INPUT_SIDE = re.compile(r"embed|project_in|^prompt_embeddings$|(^|\.)(wte|wpe)\.")
 
 
 class _Tensor(nn.Module):
@@ -68,13 +68,13 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(net: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, slots: int, seed: int,
-             first_layer: int = 0) -> list[str]:
-    """Replace the Linear layers whose last name part is in ``targets`` (in transformer layers >= ``first_layer``);
-    return the adapter names."""
+             first_layer: int | None = None) -> list[str]:
+    """Replace the Linear layers whose last name part is in ``targets`` (with ``first_layer``: only those
+    ``at_or_above`` it); return the adapter names."""
     generator = torch.Generator().manual_seed(seed)
     found = [(name, m) for name, m in net.named_modules()
              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-             and (layer_index(name + ".") or 0) >= first_layer]
+             and (first_layer is None or at_or_above(name + ".", first_layer))]
     if not found:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear)})
         raise ExportError(f"--lora-targets {','.join(targets)} match no Linear layer; this model has {linears}")
@@ -95,15 +95,19 @@ def prompt_init(net: nn.Module, tokens: int, slots: int, seed: int) -> torch.Ten
     return init.expand(slots, *init.shape).clone() if slots > 1 else init
 
 
-def select(names: list[str], pattern: str, freeze: str | None, first_layer: int = 0) -> list[str]:
-    """Parameter names matched by ``pattern`` ("all" or a regex) and not by ``freeze``; with ``first_layer`` > 0
-    only those of transformer layers >= ``first_layer`` and those after the layers (``--trainable-layers``)."""
+def select(names: list[str], pattern: str, freeze: str | None, first_layer: int | None = None) -> list[str]:
+    """Parameter names matched by ``pattern`` ("all" or a regex) and not by ``freeze``; with ``first_layer`` only
+    those ``at_or_above`` it (``--trainable-layers``)."""
     chosen = [n for n in names if pattern == "all" or re.search(pattern, n)]
     chosen = [n for n in chosen if not (freeze and re.search(freeze, n))]
-    if first_layer:
-        chosen = [n for n in chosen if (layer_index(n) or 0) >= first_layer
-                  or (layer_index(n) is None and not INPUT_SIDE.search(n))]
-    return chosen
+    return chosen if first_layer is None else [n for n in chosen if at_or_above(n, first_layer)]
+
+
+def at_or_above(name: str, first_layer: int) -> bool:
+    """Does the parameter or module ``name`` act at transformer layer ``first_layer`` or above? Names outside the
+    layers act above them (final norm, LM head, classifier, pooler) unless they are input-side (``INPUT_SIDE``)."""
+    k = layer_index(name)
+    return k >= first_layer if k is not None else not INPUT_SIDE.search(name)
 
 
 def layer_index(name: str) -> int | None:

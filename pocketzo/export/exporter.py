@@ -34,7 +34,9 @@ from pocketzo.export.tracing import lift_trainable, parameters, trace_onnx
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.bundle import (
     FILE_NAMES,
+    FORMAT_VERSION,
     MANIFEST,
+    UNSPLIT_VERSION,
     HeadKind,
     Manifest,
     TaskSpec,
@@ -151,11 +153,11 @@ def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
                     tuple(config.labels) if config.task == "classify" else (), token_ids)
 
 
-def _first_trainable_layer(net: torch.nn.Module, config: ExportConfig) -> int:
-    """The lowest transformer layer that may train (``--trainable-layers K``: the last K of them)."""
+def _first_trainable_layer(net: torch.nn.Module, config: ExportConfig) -> int | None:
+    """The lowest transformer layer that may train (``--trainable-layers K``: the last K of them); None: no limit."""
     if not config.trainable_layers:
-        return 0
-    owner, attr = split.layer_stack(net)
+        return None
+    owner, attr = split.layer_stack(net, "--trainable-layers")
     n_layers = len(getattr(owner, attr))
     if config.trainable_layers > n_layers:
         raise ExportError(f"--trainable-layers {config.trainable_layers}: the model has {n_layers} layers")
@@ -335,7 +337,11 @@ def _check_split(tmp: Path, manifest: Manifest, reference: parity.Reference, sam
                  tolerance: float, whole: dict, key: str) -> Manifest:
     """Trunk then head against PyTorch (``tolerance``) and against the whole graph's ``whole`` parity result."""
     _say("checking the split: trunk then head against PyTorch and against the whole graph")
-    checked = parity.check(tmp, reference, sample, tolerance, split=True)
+    try:
+        checked = parity.check(tmp, reference, sample, tolerance, split=True)
+    except ExportError as e:  # the whole graph passed this check: the split is what fails
+        raise ExportError(f"--split: trunk then head fail the check the whole graph passed ({e}); this model cannot "
+                          "be split as exported, export without --split") from None
     checked["whole_graph_error"] = split.check_split(whole, checked)
     return Manifest(**{**manifest.__dict__, "export": {**manifest.export, key: checked}})
 
@@ -347,7 +353,8 @@ def _write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     unnamed = present - set(files.values())
     if unnamed:  # a client fetching the files the manifest names would miss these
         raise ExportError(f"{bundle_dir}: the export wrote {sorted(unnamed)}, which the manifest has no role for")
-    manifest = replace(manifest, files=files)
+    version = FORMAT_VERSION if manifest.split is not None else UNSPLIT_VERSION
+    manifest = replace(manifest, files=files, format_version=version)
     write_json(bundle_dir / MANIFEST, manifest.to_json())
     return manifest
 

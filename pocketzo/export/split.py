@@ -38,12 +38,12 @@ SPLIT_TOLERANCE = 1e-5
 STACK_NAMES = ("layers", "layer", "h", "blocks")
 
 
-def layer_stack(net: nn.Module) -> tuple[nn.Module, str]:
+def layer_stack(net: nn.Module, flag: str = "--split") -> tuple[nn.Module, str]:
     """The module holding the transformer layers and the attribute naming their list (the longest such list)."""
     found = [(name, m) for name, m in net.named_modules()
              if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in STACK_NAMES]
     if not found:
-        raise ExportError("--split: this model has no transformer layer list (layers, layer, h or blocks)")
+        raise ExportError(f"{flag}: this model has no transformer layer list (layers, layer, h or blocks)")
     name = max(found, key=lambda item: len(item[1]))[0]
     parent, _, attr = name.rpartition(".")
     return (net.get_submodule(parent) if parent else net), attr
@@ -55,15 +55,18 @@ def split_layer(trainable: list[str], n_layers: int, requested: int | None) -> i
     if below:
         raise ExportError(f"--split: the trainable tensor {below[0]} acts below the first layer, so no layer can be "
                           "frozen below it; freeze it (--freeze) or export without --split")
+    if requested is not None and requested > n_layers:
+        raise ExportError(f"--split {requested}: the model has {n_layers} layers; give 1 to {n_layers}, or auto")
     lowest = min((k for k in map(layer_index, trainable) if k is not None), default=n_layers)
+    if lowest == 0:
+        first = next(n for n in trainable if layer_index(n) == 0)
+        raise ExportError(f"--split: the trainable tensor {first} is in layer 0, so no layer is frozen below it; "
+                          "train only the top layers with --trainable-layers K")
     layer = lowest if requested is None else requested
     if layer > lowest:
         first = next(n for n in trainable if layer_index(n) == lowest)
         raise ExportError(f"--split {layer}: the trainable tensor {first} is in layer {lowest}, below the split; "
-                          f"use --split {lowest} or auto, or train fewer layers (--trainable-layers)")
-    if not 0 < layer <= n_layers:
-        raise ExportError(f"--split: layer {layer} leaves no frozen trunk (the model has {n_layers} layers, the lowest "
-                          "trainable tensor is in layer 0); train fewer layers with --trainable-layers K")
+                          f"use --split {lowest} or auto")
     return layer
 
 
@@ -132,12 +135,12 @@ def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tenso
     names = canonical_names(wrapper)
     ids, mask, labels = sample
     rows, seq = torch.export.Dim("rows"), torch.export.Dim("seq")
-    batch = rows * slots if slots > 1 else rows
+    batch = rows * slots if slots > 1 else rows  # the head's rows: P groups with P slots; the trunk's: any number
     with _cut(wrapper, layer, "trunk"), torch.no_grad():
         trunk = _Trunk(wrapper)
         hidden = trunk(ids, mask)
         proto = trace_onnx(trunk, (ids, mask), ["input_ids", "attention_mask"], [HIDDEN],
-                           {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+                           {"input_ids": {0: rows, 1: seq}, "attention_mask": {0: rows, 1: seq}})
         lift_trainable(proto, wrapper, [], strip="head.", names=names)
     used = [n for n in trainable if n in {i.name for i in proto.graph.initializer}]
     if used:  # e.g. a tied embedding / LM head trained: it is used below the split too

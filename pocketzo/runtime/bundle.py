@@ -47,6 +47,8 @@ FORMAT = "pocketzo-bundle"
 # gradient graph is not used: re-export it).
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# A bundle without a split is written as version 4, which version-4 readers read as it is
+UNSPLIT_VERSION = 4
 MANIFEST = "manifest.json"
 # The names the exporter gives a bundle's files, by role (the keys of ``Manifest.files``; see the docstring)
 FILE_NAMES = {

@@ -31,19 +31,18 @@ class SplitSession:
         self.bundle, self.config = bundle, config or SessionConfig()
         self.trunk_path, head_path = paths
         self.trunk_session = load_session(self.trunk_path, self.config.session_options())
-        names = [o.name for o in self.trunk_session.get_outputs()]
-        if names != [HIDDEN] or [i.name for i in self.trunk_session.get_inputs()] != list(TRUNK_INPUTS):
-            raise BundleError(f"{self.trunk_path}: a trunk graph takes {list(TRUNK_INPUTS)} and gives {HIDDEN!r}; "
-                              "the bundle is inconsistent, re-export it")
+        outputs = self.trunk_session.get_outputs()
+        self.hidden_size = int(bundle.manifest.split.hidden.shape[-1])
+        if [o.name for o in outputs] != [HIDDEN] or outputs[0].shape[-1] != self.hidden_size or \
+                [i.name for i in self.trunk_session.get_inputs()] != list(TRUNK_INPUTS):
+            raise BundleError(f"{self.trunk_path}: a trunk graph takes {list(TRUNK_INPUTS)} and gives {HIDDEN!r} of "
+                              f"hidden size {self.hidden_size}; the bundle is inconsistent, re-export it")
         self.head = TrainingSession(bundle, self.config, params, model_path=head_path)
         self.params, self.model_path = self.head.params, head_path
 
     @property
     def slots(self) -> int:
         return self.head.slots
-
-    def weight_pointer(self, name: str) -> int:
-        return self.head.weight_pointer(name)
 
     def trunk(self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]) -> np.ndarray:
         """The hidden state at the split, float32 (rows, seq, hidden size)."""

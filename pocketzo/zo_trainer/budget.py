@@ -4,6 +4,7 @@ runs on the largest batches the run will send, plus what the trainer allocates b
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -11,8 +12,7 @@ from pocketzo.errors import PocketzoError
 from pocketzo.mobile_harness.memory import parse_bytes, peak_rss_mb
 from pocketzo.runtime.data import Batch, Dataset
 from pocketzo.runtime.gradient_session import GradientSession
-from pocketzo.runtime.split_session import SplitSession
-from pocketzo.runtime.trunk_cache import TrunkCache, open_trunk_cache
+from pocketzo.runtime.trunk_cache import TrunkCache, cache_bytes, open_trunk_cache
 from pocketzo.zo_trainer.first_order import first_order_bytes
 from pocketzo.zo_trainer.method import Method, RunPolicy
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
@@ -29,25 +29,37 @@ def eval_batch_size(session: Session, method: Method, policy: RunPolicy) -> int:
     return policy.eval_batch_size
 
 
-def trunk_cache(session: Session, data: Dataset, method: Method, policy: RunPolicy) -> TrunkCache | None:
+def check_trunk_cache(session: Session, method: Method, policy: RunPolicy, run_dir: Path) -> None:
+    """Refuse ``--cache-trunk`` where it cannot work, before anything is built."""
+    if policy.cache_trunk is None:
+        return
+    bundle = session.bundle
+    if bundle.manifest.split is None:
+        raise PocketzoError(f"--cache-trunk needs a split bundle; {bundle.path} has none "
+                            "(pocketzo export --split auto)")
+    if method.first_order or not policy.split:
+        what = f"--method {method.method}" if method.first_order else "--no-split"
+        raise PocketzoError(f"--cache-trunk feeds the split's head in ZO steps: not with {what}")
+    cache, run_dir = Path(policy.cache_trunk).resolve(), run_dir.resolve()
+    if cache == run_dir or run_dir in cache.parents:
+        raise PocketzoError(f"--cache-trunk {policy.cache_trunk}: inside the run directory, which --overwrite would "
+                            "delete; choose a directory outside it")
+
+
+def trunk_cache(session: Session, data: Dataset, policy: RunPolicy) -> TrunkCache | None:
     """The training set's trunk outputs (``--cache-trunk DIR``), opened or built; None without the option."""
     if policy.cache_trunk is None:
         return None
-    if not isinstance(session, SplitSession) or method.first_order:
-        raise PocketzoError(f"--cache-trunk needs a split bundle trained with --method zo; {session.bundle.path} "
-                            + ("has no split (pocketzo export --split auto)" if not isinstance(session, SplitSession)
-                               else f"is trained with --method {method.method}"))
     budget = parse_bytes(policy.memory_budget) if policy.memory_budget else None
     return open_trunk_cache(policy.cache_trunk, session, data, budget, policy.progress)
 
 
-def check_memory(session: Session, data: Dataset, method: Method, policy: RunPolicy,
-                 cache: TrunkCache | None = None) -> dict:
+def check_memory(session: Session, data: Dataset, method: Method, policy: RunPolicy) -> dict:
     """Estimate the run's peak memory against ``policy.memory_budget``: the peak RSS over probe runs on the
     longest rows of the largest batches the run will send (P x batch rows with P slots; fo and hybrid: a
     forward+backward at the batch size and a forward at the evaluation batch size), plus what the trainer
     allocates beyond the session (optimizer state, the slotted theta and work copies, noise scratch), plus all
-    of a trunk cache (memory-mapped, but every page is read each epoch)."""
+    of a trunk cache, not built yet (memory-mapped, but every page is read each epoch)."""
     limit_mb = parse_bytes(policy.memory_budget) / 1e6
     slots = session.slots
     rows = max(slots * method.batch_size, eval_batch_size(session, method, policy))
@@ -69,11 +81,13 @@ def check_memory(session: Session, data: Dataset, method: Method, policy: RunPol
     else:
         trainer_bytes = (state_bytes(resolve_directions(method, slots), theta, threads)
                          + perturbers * threads * CHUNK_ELEMENTS * 4 + (2 * theta * 4 if slots > 1 else 0))
-    trainer_bytes += cache.nbytes if cache is not None else 0
-    estimate = peak_rss_mb() + trainer_bytes / 1e6
+    cached = cache_bytes(session, data) if policy.cache_trunk is not None else 0
+    estimate = peak_rss_mb() + (trainer_bytes + cached) / 1e6
     if estimate > limit_mb:
+        cache = f" + {cached / 1e6:,.0f} MB of trunk cache" if cached else ""
         raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
                             f"{b.input_ids.shape[1]} tokens + {trainer_bytes / 1e6:,.0f} MB of optimizer state and "
-                            f"buffers), more than --memory-budget {policy.memory_budget}; lower "
+                            f"buffers{cache}), more than --memory-budget {policy.memory_budget}; lower "
                             "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
-    return {"estimated_peak_mb": estimate, "trainer_mb": trainer_bytes / 1e6, "budget_mb": limit_mb}
+    return {"estimated_peak_mb": estimate, "trainer_mb": trainer_bytes / 1e6, "trunk_cache_mb": cached / 1e6,
+            "budget_mb": limit_mb}

@@ -28,7 +28,7 @@ from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.runtime.session import SessionConfig
 from pocketzo.runtime.trunk_cache import TrunkCache
-from pocketzo.zo_trainer.budget import check_memory, eval_batch_size, trunk_cache
+from pocketzo.zo_trainer.budget import check_memory, check_trunk_cache, eval_batch_size, trunk_cache
 from pocketzo.zo_trainer.checkpoint import (
     CheckpointState,
     latest_checkpoint,
@@ -245,8 +245,8 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
     train_data = load_data(encoder, rc.train_data)
     eval_data = load_data(encoder, rc.eval_data) if rc.eval_data else None
     session = open_session(bundle, rc.session, method, split=policy.split)
-    cache = trunk_cache(session, train_data, method, policy)
-    memory = check_memory(session, train_data, method, policy, cache) if policy.memory_budget else None
+    check_trunk_cache(session, method, policy, out)
+    memory = check_memory(session, train_data, method, policy) if policy.memory_budget else None
     checkpoint = None
     if start:
         checkpoint = latest_checkpoint(out, session.params)
@@ -259,6 +259,7 @@ def _execute(out: Path, rc: RunConfig, bundle: Bundle, start: bool | None, overw
         start_logs(out)
     rc.save(out)
 
+    cache = trunk_cache(session, train_data, policy)  # built after every check that could refuse the run
     loop = _Loop(session, method, policy, train_data, eval_data, out, checkpoint, cache)
     initial = loop.evaluate(0) if checkpoint is None else None
     if initial and policy.progress:

@@ -243,15 +243,15 @@ def make_trainer(session: Session, method: Method, threads: int = 0, cache: Trun
     if isinstance(session, GradientSession):
         raise ValueError("--method zo runs on the loss graph: open it with open_session")
     method = resolve_directions(method, session.slots)
-    rows, run = _forward_of(session, cache)
+    inputs_of, run = _forward_of(session, cache)
     if session.slots == 1:
         def point_loss(plan: Plan, point: Point, b: Batch) -> float:
-            return float(run(*rows(b))["loss"])
+            return float(run(*inputs_of(b))["loss"])
 
         return build_trainer(session.params, 1, method, threads, point_loss)
 
     def plan_losses(plan: Plan, b: Batch) -> np.ndarray:  # the batch once per slot: rows are grouped slot-major
-        return run(*(np.tile(a, (session.slots,) + (1,) * (a.ndim - 1)) for a in rows(b)))["loss"]
+        return run(*(np.tile(a, (session.slots,) + (1,) * (a.ndim - 1)) for a in inputs_of(b)))["loss"]
 
     return build_trainer(session.params, session.slots, method, threads, plan_losses)
 
@@ -272,11 +272,11 @@ def _forward_of(session: TrainingSession | SplitSession, cache: TrunkCache | Non
             return session.trunk(b.input_ids, b.attention_mask)
         if b.rows is None:
             raise ValueError("a batch without its data set rows cannot be read from the trunk cache")
-        return cache.rows(b.rows, b.input_ids.shape[1])
+        return cache.hidden_of(b.rows, b.input_ids.shape[1])
 
-    def rows(b: Batch) -> tuple[np.ndarray, ...]:
+    def inputs_of(b: Batch) -> tuple[np.ndarray, ...]:
         if last[0] is not b:
             last[:] = [b, trunk(b)]
         return last[1], b.attention_mask, b.labels
 
-    return rows, session.run_head
+    return inputs_of, session.run_head

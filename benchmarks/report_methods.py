@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from grid import accuracy_at
+
 BUDGETS = (60, 120, 250, 500)  # training seconds at which accuracy is read
 TARGET_ZO_4X = 0.815  # ZO-SGD with 800 forwards, docs/accuracy.md (3 seeds)
 
@@ -17,12 +19,6 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if len(values) == 1:
         return f"{mean:,.{digits}f}"
     return f"{mean:,.{digits}f} ± {statistics.stdev(values) * scale:,.{digits}f}"
-
-
-def at_seconds(curve: list[dict], seconds: float) -> float | None:
-    """Accuracy of the last evaluation within ``seconds`` of training (None: the run had not started)."""
-    seen = [p["accuracy"] for p in curve if p["train_seconds"] <= seconds]
-    return seen[-1] if seen and curve[-1]["train_seconds"] >= seconds else None
 
 
 def first_reaching(curve: list[dict], accuracy: float) -> float | None:
@@ -104,7 +100,7 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
         train_s = statistics.fmean(f["train_seconds"] for f in finals)
         cells = []
         for b in BUDGETS:  # a seed whose run ended before b is left out, and the cell says so
-            seen = [a for r in got if (a := at_seconds(r["curve"], b)) is not None]
+            seen = [a for r in got if (a := accuracy_at(r["curve"], b)) is not None]
             cells.append(_fmt(seen) + (f" ({len(seen)} of {len(got)})" if 0 < len(seen) < len(got) else ""))
         fe = f"{step / unit:.1f}" if unit else "–"
         at = f"{train_s:.0f} s ({train_s / unit:.0f})" if unit else f"{train_s:.0f} s"

@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from grid import accuracy_at
+
 
 def _load(results: Path) -> dict[tuple[str, int], dict]:
     out = {}
@@ -15,10 +17,9 @@ def _load(results: Path) -> dict[tuple[str, int], dict]:
     return out
 
 
-def _at(curve: list[dict], seconds: float) -> float | None:
-    """The accuracy of the last evaluation within ``seconds`` of training."""
-    within = [p for p in curve if p["train_seconds"] <= seconds + 1e-9]
-    return within[-1]["accuracy"] if within else None
+def _layers(name: str) -> str:
+    """K of an accuracy row's name (``norms15``, ``lora8-lr1e-3``)."""
+    return name.split("-")[0].lstrip("abcdefghijklmnopqrstuvwxyz")
 
 
 def _speed(runs: dict, rows: dict) -> list[str]:
@@ -73,7 +74,7 @@ def _interleaved(runs: dict) -> list[str]:
 
 def _accuracy(runs: dict, rows: dict, budget: float) -> list[str]:
     lines = [f"Accuracy on the first 500 test rows after {budget:.0f} s of training (evaluation time excluded), "
-             "ZO-SGD on the RMSNorm weights of the last K layers:", "",
+             "ZO-SGD on the RMSNorm weights or on LoRA adapters of the last K layers:", "",
              "| K | what | seeds | step (median) | steps in the budget | accuracy at the budget |",
              "|---|---|---|---|---|---|"]
     for name, row in rows.items():
@@ -81,14 +82,13 @@ def _accuracy(runs: dict, rows: dict, budget: float) -> list[str]:
             continue
         got = [r for (n, _), r in sorted(runs.items()) if n == name]
         if not got:
-            lines.append(f"| {name.removeprefix('norms').split('-')[0]} | {row.what} | 0 | not run yet | | |")
+            lines.append(f"| {_layers(name)} | {row.what} | 0 | not run yet | | |")
             continue
-        acc = [a for r in got if (a := _at(r["curve"], budget)) is not None]
+        acc = [a for r in got if (a := accuracy_at(r["curve"], budget)) is not None]
         step = statistics.median(r["step_seconds_median"] for r in got)
         spread = f" ± {statistics.stdev(acc) * 100:.1f}" if len(acc) > 1 else ""
         zero = got[0]["curve"][0]["accuracy"]
-        k = name.removeprefix("norms").split("-")[0]
-        lines.append(f"| {k} | {row.what} | {len(got)} | {step:.3f} s | {budget / step:.0f} | "
+        lines.append(f"| {_layers(name)} | {row.what} | {len(got)} | {step:.3f} s | {budget / step:.0f} | "
                      f"{statistics.mean(acc) * 100:.1f}{spread} % (zero-shot {zero * 100:.1f} %) |")
     return lines
 

@@ -151,3 +151,20 @@ def bundles(tiny_models, tmp_path_factory):
 def sentiment_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     return {"train": write_sentiment(root / "train.jsonl", 256, 1), "dev": write_sentiment(root / "dev.jsonl", 64, 2)}
+
+
+def resume_without_the_newest_checkpoint(bundle: Path, data: Path, run: Path, method, policy, eval_path=None,
+                                         changes: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Train ``run`` (``policy`` must checkpoint), then lose its final weights and its newest checkpoint, as a
+    kill would, and resume it (``changes`` to its policy); return the resumed weights and resume's summary."""
+    import shutil
+
+    from pocketzo.runtime import Bundle, FlatParameters
+    from pocketzo.zo_trainer import resume, train
+
+    assert policy.checkpoint_every > 0
+    train(bundle, data, run, method, policy, eval_path=eval_path)
+    (run / "weights.safetensors").unlink()
+    shutil.rmtree(sorted((run / "checkpoints").glob("step-*"))[-1])
+    summary = resume(run, changes)
+    return FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer, summary

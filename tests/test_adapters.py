@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import numpy as np
 import onnx
 import pytest
+from conftest import resume_without_the_newest_checkpoint
 
 from pocketzo.errors import ExportError
 from pocketzo.export import ExportConfig
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
 from pocketzo.runtime.data import TextEncoder
-from pocketzo.zo_trainer import Method, RunPolicy, read_log, replay_run, resume, train
+from pocketzo.zo_trainer import Method, RunPolicy, read_log, replay_run, train
 from pocketzo.zo_trainer.trainer import make_trainer
 
 NAMES = {
@@ -114,14 +114,10 @@ def test_slotted_training_learns_replays_and_resumes_bit_for_bit(bundles, sentim
     for log in ("log.jsonl", "log.bin"):
         assert np.array_equal(replay_run(bundle, tmp_path / "run" / log).buffer, trained.buffer)
     # resumed from its step-30 checkpoint (the newest one deleted), a run ends identical
-    run2 = tmp_path / "run2"
-    train(bundle, sentiment_files["train"], run2, cfg, policy, eval_path=sentiment_files["dev"])
-    (run2 / "weights.safetensors").unlink()
-    shutil.rmtree(run2 / "checkpoints" / "step-00000040")
-    resume(run2)
-    assert len(read_log(run2 / "log.bin")) == 40
-    resumed = FlatParameters.from_bundle(Bundle(bundle), run2 / "weights.safetensors")
-    assert np.array_equal(resumed.buffer, trained.buffer)
+    resumed, _ = resume_without_the_newest_checkpoint(bundle, sentiment_files["train"], tmp_path / "run2", cfg,
+                                                      policy, sentiment_files["dev"])
+    assert len(read_log(tmp_path / "run2" / "log.bin")) == 40
+    assert np.array_equal(resumed, trained.buffer)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -14,8 +14,8 @@ from conftest import EXPORTS, LABELS, TEMPLATE
 from pocketzo.errors import ExportError
 from pocketzo.export import ExportConfig, adapters, export_bundle, heads
 from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession, _safetensors
-from pocketzo.runtime.bundle import Manifest
 from pocketzo.runtime.data import TextEncoder
+from pocketzo.runtime.manifest import Manifest
 
 
 def _hf_model(path, kind):
@@ -202,10 +202,10 @@ def test_export_config_rejects_bad_options(kwargs, message):
 def test_decoder_or_encoder_is_told_apart(kind, architectures, gguf, causal):
     from transformers import BertConfig, LlamaConfig, OPTConfig
 
-    from pocketzo.export.exporter import _is_causal_lm
+    from pocketzo.export.loading import is_causal_lm
 
     config = {"llama": LlamaConfig, "opt": OPTConfig, "bert": BertConfig}[kind](architectures=architectures)
-    assert _is_causal_lm(config, gguf) is causal
+    assert is_causal_lm(config, gguf) is causal
 
 
 def test_ort_format_bundle_gives_the_onnx_loss(tiny_models, tmp_path):

@@ -4,15 +4,14 @@ hybrid step by hand; fo and hybrid runs on exported gradient graphs."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
+from conftest import resume_without_the_newest_checkpoint
 
 from pocketzo.errors import ExportError
 from pocketzo.export.gradients import exact_tensors
-from pocketzo.runtime.bundle import layout
+from pocketzo.runtime.manifest import layout
 from pocketzo.runtime.session import FlatParameters
 from pocketzo.zo_trainer import Method
 from pocketzo.zo_trainer.first_order import first_order_bytes
@@ -138,7 +137,7 @@ def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_
 
     from pocketzo.errors import PocketzoError
     from pocketzo.runtime import Bundle
-    from pocketzo.zo_trainer import RunPolicy, replay_run, resume, train
+    from pocketzo.zo_trainer import RunPolicy, replay_run, train
 
     bundle = bundles("llama-classify-grad")
     method = Method(steps=40, method="fo", optimizer="adamw", lr=3e-3, batch_size=8, seed=3, weight_decay=0.01)
@@ -148,16 +147,10 @@ def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_
     assert ref["forward_passes"] == 40 and ref["warnings"] == []
     weights = FlatParameters.from_bundle(Bundle(bundle), tmp_path / "ref" / "weights.safetensors").buffer
     # checkpoints hold m and v: a run that loses its newest checkpoint resumes from an older one, same bits
-    run = tmp_path / "run"
-    train(bundle, sentiment_files["train"], run, method, replace(policy, checkpoint_every=10, keep_checkpoints=4),
-          eval_path=sentiment_files["dev"])
-    newest = sorted((run / "checkpoints").glob("step-*"))
-    assert (newest[-2] / "second_moment.npy").is_file()
-    import shutil
-
-    shutil.rmtree(newest[-1])
-    resume(run, {"threads": 2})
-    resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
+    resumed, _ = resume_without_the_newest_checkpoint(
+        bundle, sentiment_files["train"], tmp_path / "run", method,
+        replace(policy, checkpoint_every=10, keep_checkpoints=4), sentiment_files["dev"], {"threads": 2})
+    assert (tmp_path / "run" / "checkpoints" / "step-00000030" / "second_moment.npy").is_file()
     assert resumed.tobytes() == weights.tobytes()
     with pytest.raises(PocketzoError, match="run with exact gradients"):
         replay_run(bundle, tmp_path / "ref")
@@ -230,7 +223,7 @@ def test_hybrid_training_learns_resumes_bit_for_bit_and_needs_a_cut_graph(bundle
     from dataclasses import replace
 
     from pocketzo.runtime import Bundle
-    from pocketzo.zo_trainer import RunPolicy, resume, train
+    from pocketzo.zo_trainer import RunPolicy, train
 
     bundle = Bundle(bundles("llama-norms-hybrid"))
     exact = bundle.manifest.gradient_tensors
@@ -247,12 +240,9 @@ def test_hybrid_training_learns_resumes_bit_for_bit_and_needs_a_cut_graph(bundle
     initial = FlatParameters.from_bundle(bundle)
     for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight"):  # both parts moved
         assert not np.array_equal(weights.views[name], initial.views[name])
-    run = tmp_path / "run"
-    train(bundle.path, sentiment_files["train"], run, method, replace(policy, checkpoint_every=10),
-          eval_path=sentiment_files["dev"])
-    shutil.rmtree(sorted((run / "checkpoints").glob("step-*"))[-1])  # resume from step 20
-    resume(run, {"threads": 2})
-    resumed = FlatParameters.from_bundle(bundle, run / "weights.safetensors").buffer
+    resumed, _ = resume_without_the_newest_checkpoint(bundle.path, sentiment_files["train"], tmp_path / "run",
+                                                      method, replace(policy, checkpoint_every=10),
+                                                      sentiment_files["dev"], {"threads": 2})  # from step 20
     assert resumed.tobytes() == weights.buffer.tobytes()
     with pytest.raises(ValueError, match="train it with --method hybrid"):
         train(bundle.path, sentiment_files["train"], tmp_path / "fo", Method(steps=1, method="fo"), policy)

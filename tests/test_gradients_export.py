@@ -13,8 +13,9 @@ from conftest import EXPORTS, LABELS, TEMPLATE
 from pocketzo.errors import BundleError, ExportError
 from pocketzo.export import ExportConfig, export_bundle, gradients
 from pocketzo.export.gradient_parity import TOLERANCE, check_gradients
+from pocketzo.export.loading import load_model
 from pocketzo.runtime import Bundle
-from pocketzo.runtime.bundle import Manifest
+from pocketzo.runtime.manifest import Manifest
 
 KINDS = ["llama-classify-grad", "llama-norms-grad", "llama-causal-grad", "bert-classify-grad", "bert-bitfit-grad",
          "llama-lora-grad", "opt-lora-causal-grad", "llama-prompt-grad"]
@@ -153,7 +154,7 @@ def _head(name, tiny_models):
     model, task, template, trainable, *more = EXPORTS[name]
     config = ExportConfig(task=task, template=template, labels=LABELS if task == "classify" else (),
                           trainable=trainable, max_length=32, **(more[0] if more else {}))
-    net, tokenizer, head, _ = exporter._load(tiny_models[model], config)
+    net, tokenizer, head, _ = load_model(tiny_models[model], config)
     wrapper, _ = exporter._wrap(net, head, exporter._task_spec(config, head, tokenizer), config)
     return wrapper
 

@@ -3,17 +3,18 @@ memory, noise generations per step, and bit-exact replay and resume with optimiz
 
 from __future__ import annotations
 
-import shutil
 import tracemalloc
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import resume_without_the_newest_checkpoint
 
-from pocketzo.runtime.bundle import Bundle, layout
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import layout
 from pocketzo.runtime.session import FlatParameters
-from pocketzo.zo_trainer import Method, RunPolicy, make_trainer, replay_run, resume, train
+from pocketzo.zo_trainer import Method, RunPolicy, make_trainer, replay_run, train
 from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS
 from pocketzo.zo_trainer.trainer import Trainer, build_trainer
@@ -251,13 +252,10 @@ def test_stateful_runs_replay_and_resume_bit_for_bit(cfg, bundles, sentiment_fil
     # a run with checkpoints, whose newest checkpoint is lost: it resumes from an older one and cuts both
     # logs back to it (with q = 2 directions log.bin was once cut to the length of a one-direction log)
     run = tmp_path / "run"
-    train(bundle, sentiment_files["train"], run, cfg, replace(QUIET, checkpoint_every=cfg.steps // 4,
-                                                              keep_checkpoints=4))
-    newest = sorted((run / "checkpoints").glob("step-*"))
-    assert (newest[-2] / "momentum.npy").is_file() or cfg.momentum == 0
-    shutil.rmtree(newest[-1])
-    resume(run, {"threads": 2})  # the policy may change on resume
-    resumed = FlatParameters.from_bundle(Bundle(bundle), run / "weights.safetensors").buffer
+    resumed, _ = resume_without_the_newest_checkpoint(  # the policy may change on resume
+        bundle, sentiment_files["train"], run, cfg, replace(QUIET, checkpoint_every=cfg.steps // 4, keep_checkpoints=4),
+        changes={"threads": 2})
+    assert (sorted((run / "checkpoints").glob("step-*"))[-2] / "momentum.npy").is_file() or cfg.momentum == 0
     assert resumed.tobytes() == weights.tobytes()
     assert (run / "log.bin").read_bytes() == (tmp_path / "ref" / "log.bin").read_bytes()
     assert replay_run(bundle, run / "log.bin").buffer.tobytes() == weights.tobytes()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pocketzo.errors import ExportError
-from pocketzo.runtime.bundle import TaskKind
+from pocketzo.runtime.manifest import TaskKind
 
 Peft = Literal["none", "lora", "prompt", "bitfit"]
 Quantize = Literal["none", "int8", "int4"]

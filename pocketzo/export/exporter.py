@@ -13,26 +13,24 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
 
 from pocketzo import __version__
-from pocketzo._io import atomic_dir, sha256_file, write_json
+from pocketzo._io import atomic_dir, write_json
 from pocketzo.errors import ExportError
 from pocketzo.export import adapters, gradients, heads, parity, split
 from pocketzo.export.config import ExportConfig
+from pocketzo.export.loading import load_model
+from pocketzo.export.ort_format import convert_to_ort
 from pocketzo.export.quantize import quantize_frozen
-from pocketzo.export.tracing import lift_trainable, parameters, trace_onnx
+from pocketzo.export.tracing import lift_trainable, parameters, save_graph, tensor_bytes, trace_onnx
 from pocketzo.runtime import _safetensors
-from pocketzo.runtime.bundle import (
+from pocketzo.runtime.manifest import (
     FILE_NAMES,
     FORMAT_VERSION,
     MANIFEST,
@@ -48,7 +46,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
 MODEL, EXTERNAL_DATA, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["model_data"], FILE_NAMES["trainable"]
 ORT_MODEL, BASE_CONFIG = FILE_NAMES["ort_model"], FILE_NAMES["base_config"]
-GRADIENT_MODEL, GRADIENT_ORT_MODEL = FILE_NAMES["gradient_model"], FILE_NAMES["gradient_ort_model"]
+GRADIENT_ORT_MODEL = FILE_NAMES["gradient_ort_model"]
 TRUNK_ORT_MODEL, HEAD_ORT_MODEL = FILE_NAMES["trunk_ort_model"], FILE_NAMES["head_ort_model"]
 # A quantized base is checked against the fp32 PyTorch loss too, within 50 % (relative above a loss of 1):
 # that catches a broken graph, not quantization error, which export.quantized.parity and the accuracy
@@ -59,81 +57,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _say(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
-
-
-def _source_files(model: Path) -> tuple[Path, str | None]:
-    if model.is_file() and model.suffix == ".gguf":
-        return model.parent, model.name
-    if model.is_dir() and (model / "config.json").is_file():
-        return model, None
-    raise ExportError(f"{model}: not a Hugging Face model directory (no config.json) or a .gguf file")
-
-
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        sha256_file(p, h)
-    return h.hexdigest()
-
-
-def _load(model: Path, config: ExportConfig):
-    directory, gguf = _source_files(model)
-    kw = {"gguf_file": gguf} if gguf else {}
-    try:
-        return _load_hf(model, directory, gguf, kw, config)
-    except (OSError, ValueError, KeyError) as e:  # what transformers raises for unusable model files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{model}: transformers cannot load it ({first})") from None
-
-
-def _load_hf(model: Path, directory: Path, gguf: str | None, kw: dict, config: ExportConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    hf_config = AutoConfig.from_pretrained(directory, **kw)
-    positions = getattr(hf_config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ExportError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
-    causal = _is_causal_lm(hf_config, gguf)
-    if config.task == "causal-lm" and not causal:
-        raise ExportError(f"{model}: --task causal-lm needs a causal LM (config.architectures: "
-                          f"{hf_config.architectures})")
-    head: HeadKind = "lm" if config.task == "causal-lm" else ("prompt" if causal else "head")
-    try:  # before the model: a missing tokenizer should not cost a model load
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kw)
-    except (OSError, TypeError, ValueError) as e:
-        raise ExportError(f"{directory}: no usable tokenizer ({type(e).__name__}); a bundle needs the model's "
-                          "tokenizer.json (or the files AutoTokenizer reads) next to its weights") from None
-    if not tokenizer.is_fast:
-        raise ExportError(f"{model}: no fast tokenizer (tokenizer.json) could be built; the device needs one")
-    torch.manual_seed(config.seed)  # a new classification head is initialised reproducibly
-    if causal:
-        net = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                   attn_implementation="eager", **kw)
-    else:
-        net = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=len(config.labels), dtype=torch.float32, attn_implementation="eager",
-            id2label=dict(enumerate(config.labels)), label2id={n: i for i, n in enumerate(config.labels)}, **kw)
-    weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin")) if not gguf \
-        else [directory / gguf]
-    source = {"name": model.name, "model_type": hf_config.model_type, "sha256": _sha256(weights),
-              "files": [p.name for p in weights]}
-    return net.eval(), tokenizer, head, source
-
-
-def _is_causal_lm(hf_config, gguf: str | None) -> bool:
-    """Decoder-only LM? From ``architectures`` when the config names them; GGUF configs and bare
-    configs do not, so then from the model type (encoders such as BERT also have a masked-LM head)."""
-    if hf_config.architectures:
-        return any(a.endswith("ForCausalLM") for a in hf_config.architectures)
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = hf_config.model_type
-    return bool(gguf) or (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-                          and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
@@ -211,7 +134,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to overwrite it")
     _say(f"loading {model}")
-    net, tokenizer, head, source = _load(model, config)
+    net, tokenizer, head, source = load_model(model, config)
     task = _task_spec(config, head, tokenizer)
     wrapper, adapter = _wrap(net, head, task, config)
     trainable = _select(wrapper, config, head)
@@ -227,7 +150,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         lifted = lift_trainable(proto, wrapper, trainable)
         params = parameters(wrapper)
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
-        frozen_bytes = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer)
+        frozen_bytes = sum(tensor_bytes(i) for i in proto.graph.initializer)
         external = frozen_bytes > EXTERNAL_DATA_BYTES
         if config.gradients and external:
             raise ExportError(f"--gradients: {frozen_bytes / 2**30:.1f} GiB of frozen weights need external data, "
@@ -235,8 +158,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         if config.ort and frozen_bytes > ORT_FORMAT_MAX_BYTES:
             raise ExportError(f"--ort: the ORT format holds at most 2 GB of weights in one file and this graph "
                               f"has {frozen_bytes / 1e9:.1f} GB; export without --ort (the runtime loads .onnx too)")
-        onnx.save_model(proto, str(tmp / MODEL), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=EXTERNAL_DATA, size_threshold=1024)
+        save_graph(proto, tmp / MODEL, EXTERNAL_DATA_BYTES)
         _safetensors.save(tmp / TRAINABLE,
                           {s.name: params[s.name].detach().float().numpy() for s in specs},
                           {"format": "pt", "producer": "pocketzo"})
@@ -285,8 +207,9 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         if config.quantize != "none":
             _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
             stats = quantize_frozen(tmp / MODEL, config.quantize)
-            for graph in manifest.split.file_names[:2] if manifest.split else ():
-                quantize_frozen(tmp / graph, config.quantize)
+            if manifest.split:  # what the quantizer did to the trunk and the head, by file
+                stats["split"] = {graph: quantize_frozen(tmp / graph, config.quantize)
+                                  for graph in manifest.split.file_names[:2]}
             manifest = _write_manifest(tmp, manifest)
             error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {
@@ -297,7 +220,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                                         "split_parity_quantized")
         if config.ort:
             _say("converting to ORT format (ONNX Runtime Mobile)")
-            written = _convert_to_ort(tmp)
+            written = convert_to_ort(tmp)
             split_ort = manifest.split and replace(manifest.split, trunk_ort_file=TRUNK_ORT_MODEL,
                                                    head_ort_file=HEAD_ORT_MODEL)
             manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL, gradient_ort_file=(
@@ -357,36 +280,6 @@ def _write_manifest(bundle_dir: Path, manifest: Manifest) -> Manifest:
     manifest = replace(manifest, files=files, format_version=version)
     write_json(bundle_dir / MANIFEST, manifest.to_json())
     return manifest
-
-
-def _convert_to_ort(bundle_dir: Path) -> list[str]:
-    """model.onnx (and gradients.onnx) -> model.ort (gradients.ort) + one required_operators.config for
-    both, with ONNX Runtime's own converter; returns the .ort files written.
-
-    'Fixed' optimizations for the arm target: the graphs are optimized once, here, as a phone's
-    ONNX Runtime would, and the trainable weights stay graph inputs.
-    """
-    sources, work = bundle_dir / ".ort-in", bundle_dir / ".ort"
-    sources.mkdir()
-    graphs = (MODEL, EXTERNAL_DATA, GRADIENT_MODEL, split.TRUNK, split.TRUNK_DATA, split.HEAD, split.HEAD_DATA)
-    for name in graphs:  # the converter takes a directory of models
-        if (bundle_dir / name).is_file():
-            (sources / name).symlink_to((bundle_dir / name).resolve())
-    cmd = [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(sources),
-           "--output_dir", str(work), "--optimization_style", "Fixed", "--target_platform", "arm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wanted = [ORT_MODEL] + ([GRADIENT_ORT_MODEL] if (sources / GRADIENT_MODEL).exists() else [])
-    wanted += [TRUNK_ORT_MODEL, HEAD_ORT_MODEL] if (sources / split.TRUNK).exists() else []
-    config = work / FILE_NAMES["required_operators"]
-    if proc.returncode != 0 or not all((work / n).is_file() for n in wanted) or not config.is_file():
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        raise ExportError(f"--ort: ONNX Runtime's converter failed ({lines[-1][:300] if lines else 'no output'})")
-    for name in wanted:
-        shutil.move(work / name, bundle_dir / name)
-    shutil.move(config, bundle_dir / FILE_NAMES["required_operators"])
-    shutil.rmtree(work)
-    shutil.rmtree(sources)
-    return wanted
 
 
 def _save_tokenizer(tokenizer, bundle_dir: Path) -> None:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from pocketzo.errors import ExportError
-from pocketzo.runtime.bundle import GRADIENT_PREFIX as PREFIX
-from pocketzo.runtime.bundle import GRADIENT_SWITCH
 from pocketzo.runtime.gradient_session import USER_INPUTS
+from pocketzo.runtime.manifest import GRADIENT_PREFIX as PREFIX
+from pocketzo.runtime.manifest import GRADIENT_SWITCH
 
 TOLERANCE = 1e-5
 NOISE = 4.0  # against float64 autograd, ONNX Runtime may be off by this many times PyTorch's float32 error

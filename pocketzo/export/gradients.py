@@ -49,8 +49,8 @@ from pocketzo.export.gradient_parity import (
     requires_grad,
 )
 from pocketzo.export.tracing import canonical_names, lift_trainable
-from pocketzo.runtime.bundle import FILE_NAMES
-from pocketzo.runtime.bundle import GRADIENT_SWITCH as SWITCH
+from pocketzo.runtime.manifest import FILE_NAMES
+from pocketzo.runtime.manifest import GRADIENT_SWITCH as SWITCH
 
 GRADIENT_MODEL = FILE_NAMES["gradient_model"]
 

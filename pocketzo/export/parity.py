@@ -28,7 +28,8 @@ from torch import nn
 from pocketzo.errors import ExportError
 from pocketzo.export import adapters, heads
 from pocketzo.export.config import ExportConfig
-from pocketzo.runtime.bundle import Bundle, HeadKind, TaskSpec
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import HeadKind, TaskSpec
 from pocketzo.runtime.session import SessionConfig, TrainingSession
 from pocketzo.runtime.split_session import SplitSession
 

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from pocketzo.errors import ExportError
+from pocketzo.export.tracing import save_graph, tensor_bytes
 
 QuantMode = Literal["int8", "int4"]
 SINGLE_FILE_MAX_BYTES = 2_000_000_000  # a protobuf file cannot exceed 2 GiB; leave room for the graph
@@ -55,7 +56,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], mode: QuantMode, *, bloc
     model, targets = _prepare(path)
     file_bytes_before = _file_bytes(path)
     interface = _interface(model.graph)
-    before = {i.name: _tensor_bytes(i) for i in model.graph.initializer}
+    before = {i.name: tensor_bytes(i) for i in model.graph.initializer}
     fp32_bytes = sum(before[w] for w in set(targets.values()))
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp, _contained_ort_logging():
         try:
@@ -74,7 +75,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], mode: QuantMode, *, bloc
                           f"{len(targets)} frozen MatMul weights")
     if _interface(out.graph) != interface:
         raise ExportError(f"{path}: quantizing changed the graph's inputs or outputs; refusing to write it")
-    added = sum(_tensor_bytes(i) for i in out.graph.initializer if i.name not in before)
+    added = sum(tensor_bytes(i) for i in out.graph.initializer if i.name not in before)
     _write(out, path)
     return {"mode": mode, "block_size": block_size if mode == "int4" else None, "quantized": quantized,
             "weight_bytes_fp32": fp32_bytes, "weight_bytes_quantized": added,
@@ -251,12 +252,6 @@ def _int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     return quantizer.model.model
 
 
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data, from its dims and type (its data may live in an external file)."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-
-
 def _external_data(path: Path) -> str:
     """A graph's external data file: model.onnx.data for model.onnx (trunk.onnx.data for a split's trunk)."""
     return path.name + ".data"
@@ -273,12 +268,10 @@ def _write(model: onnx.ModelProto, path: Path) -> None:
     External data is renamed into place just before the graph that reads it: the one
     moment the pair is inconsistent is between two renames.
     """
-    external = sum(_tensor_bytes(i) for i in model.graph.initializer) > SINGLE_FILE_MAX_BYTES
     stale = path.parent / _external_data(path)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        onnx.save_model(model, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=stale.name, size_threshold=1024)
+        external = save_graph(model, staged, SINGLE_FILE_MAX_BYTES)
         if external:
             os.replace(Path(tmp) / stale.name, stale)
         os.replace(staged, path)

@@ -21,15 +21,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import onnx
 import torch
 from torch import nn
 
 from pocketzo.errors import ExportError
 from pocketzo.export.adapters import INPUT_SIDE, layer_index
-from pocketzo.export.tracing import canonical_names, lift_trainable, trace_onnx
-from pocketzo.runtime.bundle import FILE_NAMES, HIDDEN, SplitSpec, ValueSpec
+from pocketzo.export.tracing import canonical_names, lift_trainable, save_graph, trace_onnx
+from pocketzo.runtime.manifest import FILE_NAMES, HIDDEN, SplitSpec, ValueSpec
 
 TRUNK, HEAD = FILE_NAMES["trunk_model"], FILE_NAMES["head_model"]
 TRUNK_DATA, HEAD_DATA = FILE_NAMES["trunk_data"], FILE_NAMES["head_data"]
@@ -146,7 +144,7 @@ def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tenso
     if used:  # e.g. a tied embedding / LM head trained: it is used below the split too
         raise ExportError(f"--split {layer}: the trainable tensor {used[0]} is used below the split (in the trunk); "
                           "freeze it (--freeze) or export without --split")
-    _save(proto, bundle_dir / TRUNK, TRUNK_DATA, external_bytes)
+    save_graph(proto, bundle_dir / TRUNK, external_bytes)
     del proto
     with _cut(wrapper, layer, "head"):
         proto = trace_onnx(wrapper, (hidden, mask, labels), [HIDDEN, "attention_mask", "labels"],
@@ -156,7 +154,7 @@ def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tenso
     if lifted != list(trainable):
         missing = sorted(set(trainable) - set(lifted))
         raise ExportError(f"--split {layer}: the head graph does not use the trainable tensor {missing[0]}")
-    _save(proto, bundle_dir / HEAD, HEAD_DATA, external_bytes)
+    save_graph(proto, bundle_dir / HEAD, external_bytes)
     return SplitSpec(layer, n_layers, ValueSpec(HIDDEN, "float32", ("batch", "seq", int(hidden.shape[-1]))),
                      TRUNK, HEAD)
 
@@ -177,7 +175,3 @@ def check_split(whole: dict, split: dict, tolerance: float = SPLIT_TOLERANCE) ->
     return worst
 
 
-def _save(proto: onnx.ModelProto, path: Path, data: str, external_bytes: int) -> None:
-    external = sum(int(np.prod(i.dims)) * 4 for i in proto.graph.initializer) > external_bytes
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)

@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from pocketzo.errors import ExportError
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type (its data may live in an external file)."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, single_file_max_bytes: int) -> bool:
+    """Write ``proto`` at ``path``, its weights in ``<name>.data`` beside it (``model.onnx.data``) when they exceed
+    ``single_file_max_bytes``; returns whether they do."""
+    external = sum(tensor_bytes(i) for i in proto.graph.initializer) > single_file_max_bytes
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return external
 
 
 def trace_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],

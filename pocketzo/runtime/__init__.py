@@ -3,7 +3,8 @@
 Imports only the standard library, numpy and onnxruntime (tokenizers lazily, in ``data``).
 """
 
-from pocketzo.runtime.bundle import FORMAT_VERSION, Bundle, Manifest, TaskSpec, TensorSpec
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import FORMAT_VERSION, Manifest, TaskSpec, TensorSpec
 from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession
 
 __all__ = [

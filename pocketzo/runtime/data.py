@@ -31,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pocketzo.errors import BundleError, DataError
-from pocketzo.runtime.bundle import Bundle, TaskSpec
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import TaskSpec
 
 IGNORE = -100
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")  # names that promise rows

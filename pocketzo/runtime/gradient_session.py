@@ -21,8 +21,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from pocketzo.errors import BundleError
-from pocketzo.runtime.bundle import GRADIENT_PREFIX, GRADIENT_SWITCH, Bundle
-from pocketzo.runtime.session import FlatParameters, SessionConfig, load_session
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import GRADIENT_PREFIX, GRADIENT_SWITCH
+from pocketzo.runtime.session import FlatParameters, SessionConfig, load_session, run_failed
 
 USER_INPUTS = ("input_ids", "attention_mask", "labels")
 
@@ -101,10 +102,7 @@ class GradientSession:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            reason = lines[-1][:300] if lines else type(e).__name__
-            raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape "
-                              f"{feeds['input_ids'].shape} ({reason})") from None
+            raise run_failed(self.model_path, feeds["input_ids"].shape, e) from None
 
 
 def _feeds(*arrays: npt.NDArray[np.int64]) -> dict[str, np.ndarray]:

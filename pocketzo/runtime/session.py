@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from pocketzo.errors import BundleError
 from pocketzo.runtime import _safetensors
-from pocketzo.runtime.bundle import Bundle, TensorSpec
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import TensorSpec
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -67,6 +68,14 @@ def load_session(path: Path, options: ort.SessionOptions) -> ort.InferenceSessio
     except Exception as e:  # onnxruntime raises its own unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BundleError(f"{path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
+
+
+def run_failed(model_path: Path, rows_shape: tuple[int, ...], error: Exception) -> BundleError:
+    """The one-line error for a graph ONNX Runtime could not run on a batch (e.g. a sequence longer than the model's
+    position table): the graph, the batch's shape and the last line of ONNX Runtime's message."""
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    reason = lines[-1][:300] if lines else type(error).__name__
+    return BundleError(f"{model_path}: ONNX Runtime failed on a batch of shape {rows_shape} ({reason})")
 
 
 def aligned_empty(n: int, alignment: int = 64) -> npt.NDArray[np.float32]:
@@ -184,10 +193,6 @@ class TrainingSession:
             b.bind_output(name, "cpu")
         try:
             self.session.run_with_iobinding(b)
-        except Exception as e:  # e.g. a sequence longer than the model's position table
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            reason = lines[-1][:300] if lines else type(e).__name__
-            shape = next(iter(feeds.values())).shape
-            raise BundleError(f"{self.model_path}: ONNX Runtime failed on a batch of shape {shape} ({reason})") \
-                from None
+        except Exception as e:
+            raise run_failed(self.model_path, next(iter(feeds.values())).shape, e) from None
         return dict(zip(outputs, b.copy_outputs_to_cpu(), strict=True))

@@ -15,8 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pocketzo.errors import BundleError
-from pocketzo.runtime.bundle import HIDDEN, Bundle
-from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession, load_session
+from pocketzo.runtime.bundle import Bundle
+from pocketzo.runtime.manifest import HIDDEN
+from pocketzo.runtime.session import FlatParameters, SessionConfig, TrainingSession, load_session, run_failed
 
 TRUNK_INPUTS = ("input_ids", "attention_mask")
 
@@ -50,11 +51,8 @@ class SplitSession:
                  for name, a in zip(TRUNK_INPUTS, (input_ids, attention_mask), strict=True)}
         try:
             return self.trunk_session.run([HIDDEN], feeds)[0]
-        except Exception as e:  # e.g. a sequence longer than the model's position table
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            reason = lines[-1][:300] if lines else type(e).__name__
-            raise BundleError(f"{self.trunk_path}: ONNX Runtime failed on a batch of shape "
-                              f"{feeds['input_ids'].shape} ({reason})") from None
+        except Exception as e:
+            raise run_failed(self.trunk_path, feeds["input_ids"].shape, e) from None
 
     def run_head(self, hidden: np.ndarray, attention_mask: npt.NDArray[np.int64], labels: npt.NDArray[np.int64],
                  outputs: Sequence[str] = ("loss",)) -> dict[str, np.ndarray]:

@@ -31,8 +31,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from pocketzo.runtime.bundle import layout
 from pocketzo.runtime.data import Batch
+from pocketzo.runtime.manifest import layout
 from pocketzo.runtime.session import FlatParameters
 from pocketzo.zo_trainer.estimators import Plan, Point
 from pocketzo.zo_trainer.noise import ChunkOp, Distribution, Perturber, Term

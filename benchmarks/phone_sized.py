@@ -40,7 +40,7 @@ def main() -> int:
               "opt-1.3b": lambda: make_shape_model("opt-1.3b", args.cache / "bench" / "models" / "opt-1.3b", smollm2)}
     cases = {  # name: (model, extra export flags)
         "smollm2-lora": ("smollm2", []),
-        "opt-1.3b-lora-int4": ("opt-1.3b", ["--quantize", "int4"]),
+        "opt-1.3b-lora-int4": ("opt-1.3b", ["--quantize", "int4", "--quant-accuracy-level", "4"]),
     }
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for name, (model, flags) in cases.items():

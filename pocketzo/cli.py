@@ -278,7 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
             "lora_targets": "comma-separated last name parts of the Linear layers LoRA adapts",
             "prompt_tokens": "virtual tokens of --peft prompt",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
-            "quantize": "frozen MatMul weights: int8 (dynamic, per channel) or int4 (block-wise MatMulNBits)",
+            "quantize": "frozen MatMul weights: int8 or int4 weight-only (block-wise MatMulNBits: the activations stay "
+                        "float32), or int8-dynamic (activations quantized at run time too: fastest, but ZO training "
+                        "through it collapses; for inference)",
+            "quant_block_size": "int8, int4: weights sharing one scale along K (a power of two >= 16)",
+            "quant_symmetric": "int8, int4: symmetric weights (no zero points)",
+            "quant_accuracy_level": "int8, int4: MatMulNBits accuracy_level; 0 computes in float32, the same function "
+                                    "on every ONNX Runtime build; 4 quantizes the activations to int8 per block on "
+                                    "x86-64/ARM CPUs (faster, noisier ZO estimates)",
+            "quant_8bit": "int4: regex of frozen weight names kept at 8 bits, e.g. 'down_proj|lm_head' (a tied LM head "
+                          "has the embedding's name)",
             "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "
                          "for `train --method fo` (not with --slots, --quantize or --split)",
             "gradient_layers": "with --gradients: differentiate only the trainable tensors of the last K layers "

@@ -1,4 +1,5 @@
-"""Quantizing a bundle's frozen MatMul weights (int8 dynamic, int4 MatMulNBits) with ONNX Runtime's tools."""
+"""Quantizing a bundle's frozen MatMul weights (int8 / int4 weight-only MatMulNBits, int8-dynamic) with ONNX
+Runtime's tools."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from conftest import WORDS
 from pocketzo.errors import ExportError
 from pocketzo.export import ExportConfig, export_bundle
 from pocketzo.export import quantize as quantize_module
+from pocketzo.export.config import QuantRecipe
 from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import Bundle, TrainingSession
 from pocketzo.runtime.data import IGNORE
 
-QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
-# Measured on the padded batch below: |quantized - fp32| / fp32 loss was 1.5e-5 (int8) and 3.1e-4
+MODES = ["int8", "int4", "int8-dynamic"]
+QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
+# Measured on the padded batch below: |quantized - fp32| / fp32 loss was 1.5e-5 (int8-dynamic) and 3.1e-4
 # (int4) at most over both tiny models; 5e-3 leaves a 10x margin. These random-init models have
 # near-uniform logits (loss ~ ln(vocab)), so the bound checks that the rewired graph computes the
 # same function, not quantization quality (measure that on a real model, e.g. SmolLM2).
@@ -67,27 +70,39 @@ def _linear_weights(model_dir: Path) -> int:
     return sum(isinstance(m, torch.nn.Linear) for m in net.modules())
 
 
+def _quantize(path: Path, mode: str, **recipe) -> dict:
+    return quantize_frozen(path, QuantRecipe(mode, **recipe))
+
+
+def _attributes(model_path: Path, op: str) -> list[dict]:
+    return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            for n in onnx.load(str(model_path)).graph.node if n.op_type == op]
+
+
 def _interface(model_path: Path) -> list[tuple[str, int, str]]:
     graph = onnx.load(str(model_path)).graph
     values = (*graph.input, *graph.output)
     return [(v.name, v.type.tensor_type.elem_type, str(v.type.tensor_type.shape)) for v in values]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_quantized_loss_is_close_and_every_linear_is_quantized(kind, mode, frozen_bundles, tiny_models, tmp_path):
     src = frozen_bundles(kind)
     dst = _copy(src, tmp_path / "q")
-    stats = quantize_frozen(dst / "model.onnx", mode)
+    stats = _quantize(dst / "model.onnx", mode)
 
     expected = _linear_weights(tiny_models[kind])  # llama: 2 x 7 + lm_head; opt: 2 x 6 + lm_head
     ops = Counter(n.op_type for n in onnx.load(str(dst / "model.onnx")).graph.node)
     assert stats["quantized"] == ops[QUANTIZED_OP[mode]] == expected
     assert ops["Gemm"] == 0  # OPT's fc1/fc2 are Gemm(transB=1) in the export: rewritten to MatMul, then quantized
-    if mode == "int8":
-        assert ops["DynamicQuantizeLinear"] > 0
-    # int8: 1 byte + per-column scale/zero point; int4: half a byte + one fp32 scale per 32 weights
-    assert stats["weight_bytes_quantized"] < {"int8": 0.3, "int4": 0.2}[mode] * stats["weight_bytes_fp32"]
+    # weight-only: the activations stay float32, and every weight has the recipe's bits
+    assert (ops["DynamicQuantizeLinear"] > 0) == (mode == "int8-dynamic")
+    if mode != "int8-dynamic":
+        assert {a["bits"] for a in _attributes(dst / "model.onnx", "MatMulNBits")} == {8 if mode == "int8" else 4}
+    assert stats["eight_bit"] == (0 if mode == "int4" else expected)
+    # 8 bits: 1 byte + a scale per column or per 32 weights; 4 bits: half a byte + one fp32 scale per 32 weights
+    assert stats["weight_bytes_quantized"] < {"int4": 0.2}.get(mode, 0.3) * stats["weight_bytes_fp32"]
     assert stats["file_bytes_after"] < stats["file_bytes_before"]
 
     fp32, quantized = _loss(src), _loss(dst)
@@ -95,11 +110,11 @@ def test_quantized_loss_is_close_and_every_linear_is_quantized(kind, mode, froze
     assert abs(quantized - fp32) <= RELATIVE_TOLERANCE * fp32
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_trainable_tensors_stay_float_inputs_and_edits_are_seen(mode, frozen_bundles, tmp_path):
     src = frozen_bundles("opt")
     dst = _copy(src, tmp_path / "q")
-    quantize_frozen(dst / "model.onnx", mode)
+    _quantize(dst / "model.onnx", mode)
     assert _interface(dst / "model.onnx") == _interface(src / "model.onnx")
 
     session = TrainingSession(Bundle(dst))
@@ -111,12 +126,12 @@ def test_trainable_tensors_stay_float_inputs_and_edits_are_seen(mode, frozen_bun
     assert edited != before and float(session.run(*_batch())["loss"]) == before
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_trainable_linear_weights_are_not_quantized(mode, frozen_bundles, tiny_models, tmp_path):
     """A trainable q_proj is Transpose(graph input) -> MatMul: it and attention's MatMuls stay float."""
     src = frozen_bundles("llama", r"q_proj|norm")
     dst = _copy(src, tmp_path / "q")
-    stats = quantize_frozen(dst / "model.onnx", mode)
+    stats = _quantize(dst / "model.onnx", mode)
     assert stats["quantized"] == _linear_weights(tiny_models["llama"]) - 2  # two layers' q_proj
     graph = onnx.load(str(dst / "model.onnx")).graph
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
@@ -129,7 +144,7 @@ def test_trainable_linear_weights_are_not_quantized(mode, frozen_bundles, tiny_m
 
 def test_tied_embedding_keeps_its_fp32_table_for_the_gather(frozen_bundles, tmp_path):
     dst = _copy(frozen_bundles("llama"), tmp_path / "q")
-    quantize_frozen(dst / "model.onnx", "int4")
+    _quantize(dst / "model.onnx", "int4")
     graph = onnx.load(str(dst / "model.onnx")).graph
     fp32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
             and not i.name.endswith("_scales")}
@@ -146,7 +161,7 @@ def test_external_data_is_read_and_written(single_file_max, frozen_bundles, tiny
     onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     monkeypatch.setattr(quantize_module, "SINGLE_FILE_MAX_BYTES", single_file_max)
-    stats = quantize_frozen(dst / "model.onnx", "int8")
+    stats = _quantize(dst / "model.onnx", "int8")
     assert (dst / "model.onnx.data").is_file() == (single_file_max == 0)
     assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temp leftovers
     assert stats["quantized"] == _linear_weights(tiny_models["llama"])
@@ -157,21 +172,68 @@ def test_a_graph_without_frozen_matmuls_is_refused_untouched(bundles, tmp_path):
     dst = _copy(bundles("llama-causal"), tmp_path / "all-trainable")
     before = (dst / "model.onnx").read_bytes()
     with pytest.raises(ExportError, match="no MatMul has a frozen"):
-        quantize_frozen(dst / "model.onnx", "int8")
+        _quantize(dst / "model.onnx", "int8")
     assert (dst / "model.onnx").read_bytes() == before
 
 
-@pytest.mark.parametrize("mode, block_size, message", [
-    ("int2", 32, "must be 'int8' or 'int4'"),
-    ("int4", 24, "power of two"),
-    ("int4", 8, "power of two"),
+@pytest.mark.parametrize("mode, recipe, message", [
+    ("int2", {}, "must be 'int8', 'int4' or 'int8-dynamic'"),
+    ("int4", {"block_size": 24}, "power of two"),
+    ("int8", {"block_size": 8}, "power of two"),
+    ("int4", {"accuracy_level": 5}, "accuracy-level"),
+    ("int8", {"eight_bit": "down_proj"}, "needs --quantize int4"),
+    ("int4", {"eight_bit": "down_proj("}, "bad regex"),
 ])
-def test_bad_options_are_refused(mode, block_size, message, frozen_bundles):
+def test_bad_recipes_are_refused(mode, recipe, message):
     with pytest.raises(ExportError, match=message):
-        quantize_frozen(frozen_bundles("llama") / "model.onnx", mode, block_size=block_size)
+        QuantRecipe(mode, **recipe)
+
+
+def test_int4_keeps_the_weights_its_regex_names_at_8_bits(frozen_bundles, tmp_path):
+    src = frozen_bundles("llama")
+    dst = _copy(src, tmp_path / "q")
+    stats = _quantize(dst / "model.onnx", "int4", eight_bit=r"down_proj|embed_tokens")
+    assert stats["eight_bit"] == 3  # two layers' down_proj and the LM head, tied to (named as) the embedding
+    graph = onnx.load(str(dst / "model.onnx")).graph
+    bits = {n.input[1]: a["bits"] for n, a in zip(
+        [n for n in graph.node if n.op_type == "MatMulNBits"], _attributes(dst / "model.onnx", "MatMulNBits"),
+        strict=True)}
+    assert {w for w, b in bits.items() if b == 8} == {w for w in bits if "down_proj" in w or "embed" in w}
+    # 8 bits where it matters: closer to fp32 than all-4-bit, on the same batch
+    four = _copy(src, tmp_path / "q4")
+    _quantize(four / "model.onnx", "int4")
+    fp32 = _loss(src)
+    assert abs(_loss(dst) - fp32) < abs(_loss(four) - fp32)
+
+
+def test_8_bits_are_closer_to_fp32_than_4_and_the_accuracy_level_is_written(frozen_bundles, tmp_path):
+    src = frozen_bundles("opt")
+    errors = {}
+    for mode, level in (("int8", 0), ("int4", 4)):
+        dst = _copy(src, tmp_path / f"{mode}-{level}")
+        _quantize(dst / "model.onnx", mode, accuracy_level=level)
+        levels = {a.get("accuracy_level", 0) for a in _attributes(dst / "model.onnx", "MatMulNBits")}
+        assert levels == {level}  # level 0 (float32 compute) is the attribute's absence
+        errors[mode] = abs(_loss(dst) - _loss(src))
+    assert errors["int8"] < errors["int4"] / 4
+
+
+def test_zo_training_through_an_8_bit_base_lowers_the_loss(tiny_models, sentiment_files, tmp_path):
+    from conftest import LABELS, TEMPLATE
+
+    from pocketzo.zo_trainer import Method, RunPolicy, train
+
+    bundle = tmp_path / "b"
+    export_bundle(tiny_models["llama"], bundle, ExportConfig(task="classify", template=TEMPLATE, labels=LABELS,
+                                                             trainable=r"norm", max_length=32, quantize="int8"))
+    assert Bundle(bundle).manifest.export["quantized"]["eight_bit"] == _linear_weights(tiny_models["llama"])
+    summary = train(bundle, sentiment_files["train"], tmp_path / "run", Method(steps=40, lr=5e-2, eps=1e-2,
+                                                                                batch_size=8, seed=3),
+                    RunPolicy(threads=1, progress=False), eval_path=sentiment_files["dev"])
+    assert summary["final_eval"]["loss"] < summary["initial_eval"]["loss"]
 
 
 def test_a_corrupt_file_is_an_export_error(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"not a protobuf")
     with pytest.raises(ExportError, match="cannot load"):
-        quantize_frozen(tmp_path / "model.onnx", "int8")
+        _quantize(tmp_path / "model.onnx", "int8")

@@ -104,7 +104,7 @@ def test_a_quantized_split_is_checked_and_converted_too(bundles):
     trunk, head = bundle.split_paths()
     assert (trunk.name, head.name) == ("trunk.ort", "head.ort")
     ops = [n.op_type for n in onnx.load(bundle.split_paths(prefer_ort=False)[0]).graph.node]
-    assert export["quantized"]["split"]["trunk.onnx"]["quantized"] == ops.count("MatMulInteger") > 0
+    assert export["quantized"]["split"]["trunk.onnx"]["quantized"] == ops.count("MatMulNBits") > 0
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -10,7 +10,51 @@ from pocketzo.errors import ExportError
 from pocketzo.runtime.manifest import TaskKind
 
 Peft = Literal["none", "lora", "prompt", "bitfit"]
-Quantize = Literal["none", "int8", "int4"]
+Quantize = Literal["none", "int8", "int4", "int8-dynamic"]
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 = unset (fp32 compute), 1 fp32, 2 fp16, 3 bf16, 4 int8
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How ``export --quantize`` stores the frozen MatMul weights of every graph of a bundle.
+
+    ``int8`` and ``int4`` are weight-only: ONNX Runtime's ``MatMulNBits`` holds the weights in 8 or 4 bits, one
+    scale (and with ``symmetric=False`` a zero point) per ``block_size`` weights along K, and at ``accuracy_level``
+    0 computes in float32, so a bundle is the same function on every ONNX Runtime build and the ZO estimate
+    through it follows the float32 one (correlation 0.997 for 8 bits on SmolLM2, ../shared/FACTS.md). Level 4
+    quantizes the activations to int8 per block on x86-64 and ARM CPUs: faster, and noisier ZO estimates
+    (0.74). ``int8-dynamic`` is ``quantize_dynamic``: per-channel int8 weights and activations quantized at run
+    time (MatMulInteger), the fastest here and the one ZO training collapsed on (docs/modes.md).
+    """
+
+    mode: Literal["int8", "int4", "int8-dynamic"]
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    # int4: a regex searched in the frozen weight names, whose matches keep 8 bits (e.g. 'down_proj|lm_head'; a
+    # tied LM head has the embedding's name, e.g. model.embed_tokens.weight)
+    eight_bit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("int8", "int4", "int8-dynamic"):
+            raise ExportError(f"quantization mode must be 'int8', 'int4' or 'int8-dynamic', got {self.mode!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"--quant-block-size must be a power of two >= 16 (MatMulNBits), got {self.block_size}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ExportError(f"--quant-accuracy-level must be one of {list(ACCURACY_LEVELS)}, got "
+                              f"{self.accuracy_level}")
+        if self.eight_bit is not None:
+            if self.mode != "int4":
+                raise ExportError("--quant-8bit keeps some weights of an int4 base at 8 bits; it needs --quantize "
+                                  "int4")
+            try:
+                re.compile(self.eight_bit)
+            except re.error as e:
+                raise ExportError(f"--quant-8bit: bad regex {self.eight_bit!r} ({e})") from None
+
+    @property
+    def weight_only(self) -> bool:
+        return self.mode != "int8-dynamic"
 
 
 @dataclass(frozen=True)
@@ -27,7 +71,11 @@ class ExportConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # last name part of the Linear layers to adapt
     prompt_tokens: int = 16  # --peft prompt: virtual tokens prepended to every row
     slots: int = 1  # perturbation slots P (even, lora/prompt): one run evaluates P adapter values
-    quantize: Quantize = "none"  # frozen MatMul weights: int8 (dynamic, per channel) or int4 (MatMulNBits)
+    quantize: Quantize = "none"  # frozen MatMul weights: int8 / int4 weight-only, int8-dynamic (QuantRecipe)
+    quant_block_size: int = 32  # int8, int4: weights per scale along K
+    quant_symmetric: bool = True  # int8, int4: no zero points
+    quant_accuracy_level: int = 0  # int8, int4: MatMulNBits accuracy_level (0: float32 compute)
+    quant_8bit: str | None = None  # int4: regex of frozen weight names kept at 8 bits
     seed: int = 0  # initialises a new classification head; draws the parity batch
     parity_tolerance: float = 1e-4  # times max(1, |loss|)
     ort: bool = False  # also write the ORT-format model + required_operators.config (ONNX Runtime Mobile)
@@ -49,8 +97,11 @@ class ExportConfig:
             raise ExportError("--template must contain '{text}' exactly once")
         if self.peft not in ("none", "lora", "prompt", "bitfit"):
             raise ExportError(f"--peft must be none, lora, prompt or bitfit, got {self.peft!r}")
-        if self.quantize not in ("none", "int8", "int4"):
-            raise ExportError(f"--quantize must be none, int8 or int4, got {self.quantize!r}")
+        if self.quantize not in ("none", "int8", "int4", "int8-dynamic"):
+            raise ExportError(f"--quantize must be none, int8, int4 or int8-dynamic, got {self.quantize!r}")
+        if self.quantize == "none" and self.quant_8bit is not None:
+            raise ExportError("--quant-8bit needs --quantize int4")
+        self.quant_recipe  # noqa: B018 (validates the --quant-* options)
         if self.peft != "none" and self.trainable != "all":
             raise ExportError("--trainable and --peft both choose what trains; give only one of them")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or self.prompt_tokens < 1 or not self.lora_targets:
@@ -74,6 +125,14 @@ class ExportConfig:
                     re.compile(pattern)
                 except re.error as e:
                     raise ExportError(f"{flag}: bad regex {pattern!r} ({e})") from None
+
+    @property
+    def quant_recipe(self) -> QuantRecipe | None:
+        """The --quantize options as one recipe; None without --quantize."""
+        if self.quantize == "none":
+            return None
+        return QuantRecipe(self.quantize, self.quant_block_size, self.quant_symmetric, self.quant_accuracy_level,
+                           self.quant_8bit)
 
     @property
     def split_layer(self) -> int | None:

@@ -205,10 +205,14 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         del wrapper, net, params
         gc.collect()
         if config.quantize != "none":
+            recipe = config.quant_recipe
             _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
-            stats = quantize_frozen(tmp / MODEL, config.quantize)
+            if not recipe.weight_only:
+                _say("warning: int8-dynamic quantizes the activations at run time; ZO training through such a base "
+                     "collapsed on the demo task (49.4 %, docs/modes.md): use it for inference, int8 for training")
+            stats = quantize_frozen(tmp / MODEL, recipe)
             if manifest.split:  # what the quantizer did to the trunk and the head, by file
-                stats["split"] = {graph: quantize_frozen(tmp / graph, config.quantize)
+                stats["split"] = {graph: quantize_frozen(tmp / graph, recipe)
                                   for graph in manifest.split.file_names[:2]}
             manifest = _write_manifest(tmp, manifest)
             error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)

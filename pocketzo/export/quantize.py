@@ -4,9 +4,12 @@ Trainable tensors are graph inputs and stay float32 inputs: the ZO trainer edits
 and a perturbation of ~1e-3 would vanish under an int8 or int4 grid. Only MatMuls whose weight
 operand is an initializer are rewritten:
 
-- ``int8``: ``quantize_dynamic`` (per-channel int8 weights; activations quantized at run time by
-  ``DynamicQuantizeLinear``; ``MatMulInteger`` + rescale);
-- ``int4``: ``MatMulNBitsQuantizer`` (block-wise symmetric int4 -> ``com.microsoft.MatMulNBits``).
+- ``int8``, ``int4``: ``MatMulNBitsQuantizer``, weight-only (block-wise 8 or 4 bits ->
+  ``com.microsoft.MatMulNBits``); an int4 recipe may keep the weights its ``eight_bit`` regex names at 8 bits;
+- ``int8-dynamic``: ``quantize_dynamic`` (per-channel int8 weights; activations quantized at run time by
+  ``DynamicQuantizeLinear``; ``MatMulInteger`` + rescale).
+
+``config.QuantRecipe`` says what each option does to the function the graph computes.
 
 Both tools only quantize ``MatMul(A, B)`` with B an initializer. The dynamo exporter
 (``optimize=False``) writes a Linear as ``MatMul(x, Transpose(W))`` or ``Gemm(x, W, b, transB=1)``,
@@ -18,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -30,29 +34,22 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from pocketzo.errors import ExportError
+from pocketzo.export.config import QuantRecipe
 from pocketzo.export.tracing import save_graph, tensor_bytes
 
-QuantMode = Literal["int8", "int4"]
 SINGLE_FILE_MAX_BYTES = 2_000_000_000  # a protobuf file cannot exceed 2 GiB; leave room for the graph
-QUANTIZED_OP = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
-# MatMulNBits' int8 compute path (activations quantized per block). SmolLM2-135M, 16 x 64, 2 threads:
-# 1.06 s vs 1.18 s per forward at the default (fp32 compute); dev accuracy 73.0 % vs 73.6 % (n=500).
-INT4_ACCURACY_LEVEL = 4
+QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
 
 
-def quantize_frozen(model_path: str | os.PathLike[str], mode: QuantMode, *, block_size: int = 32) -> dict:
-    """Rewrite ``model_path`` in place with its frozen MatMul weights quantized to ``mode``.
+def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> dict:
+    """Rewrite ``model_path`` in place with its frozen MatMul weights quantized by ``recipe``.
 
-    Graph inputs (the trainable tensors) and outputs keep their names, types and shapes.
-    ``block_size`` (int4 only) is the number of K elements sharing one scale. Returns stats:
-    mode, ``quantized`` (number of weights), ``weight_bytes_fp32`` / ``weight_bytes_quantized``
-    and ``file_bytes_before`` / ``file_bytes_after`` (model.onnx plus its external data).
+    Graph inputs (the trainable tensors) and outputs keep their names, types and shapes. Returns stats: the
+    recipe, ``quantized`` (number of weights) and ``eight_bit`` (how many of them have 8 bits),
+    ``weight_bytes_fp32`` / ``weight_bytes_quantized`` and ``file_bytes_before`` / ``file_bytes_after`` (the
+    graph plus its external data).
     """
-    path = Path(model_path)
-    if mode not in QUANTIZED_OP:
-        raise ExportError(f"quantization mode must be 'int8' or 'int4', got {mode!r}")
-    if mode == "int4" and (block_size < 16 or block_size & (block_size - 1)):
-        raise ExportError(f"int4 block size must be a power of two >= 16 (MatMulNBits), got {block_size}")
+    path, mode = Path(model_path), recipe.mode
     model, targets = _prepare(path)
     file_bytes_before = _file_bytes(path)
     interface = _interface(model.graph)
@@ -60,16 +57,17 @@ def quantize_frozen(model_path: str | os.PathLike[str], mode: QuantMode, *, bloc
     fp32_bytes = sum(before[w] for w in set(targets.values()))
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp, _contained_ort_logging():
         try:
-            if mode == "int8":
+            if mode == "int8-dynamic":
                 staged = _stage(model, Path(tmp))
                 del model  # quantize_dynamic loads its own copy: ~1 GB less at peak for SmolLM2-135M
-                out = _int8(staged, list(targets))
+                out = _int8_dynamic(staged, list(targets))
             else:
-                out = _int4(model, block_size)
+                out = _nbits(model, targets, recipe)
         except Exception as e:  # ORT's tools raise anything from AssertionError to InferenceError
             raise ExportError(f"{path}: ONNX Runtime's {mode} quantizer failed "
                               f"({type(e).__name__}: {str(e).strip()[:300]})") from None
-    quantized = Counter(n.op_type for n in out.graph.node)[QUANTIZED_OP[mode]]
+    ops = [n for n in out.graph.node if n.op_type == QUANTIZED_OP[mode]]
+    quantized = len(ops)
     if quantized != len(targets):
         raise ExportError(f"{path}: ONNX Runtime's {mode} quantizer rewrote {quantized} of the "
                           f"{len(targets)} frozen MatMul weights")
@@ -77,7 +75,8 @@ def quantize_frozen(model_path: str | os.PathLike[str], mode: QuantMode, *, bloc
         raise ExportError(f"{path}: quantizing changed the graph's inputs or outputs; refusing to write it")
     added = sum(tensor_bytes(i) for i in out.graph.initializer if i.name not in before)
     _write(out, path)
-    return {"mode": mode, "block_size": block_size if mode == "int4" else None, "quantized": quantized,
+    eight_bit = quantized if mode == "int8-dynamic" else sum(_bits(n) == 8 for n in ops)
+    return {"mode": mode, "recipe": asdict(recipe), "quantized": quantized, "eight_bit": eight_bit,
             "weight_bytes_fp32": fp32_bytes, "weight_bytes_quantized": added,
             "file_bytes_before": file_bytes_before, "file_bytes_after": _file_bytes(path)}
 
@@ -220,7 +219,7 @@ def _stage(model: onnx.ModelProto, workdir: Path) -> Path:
     return staged
 
 
-def _int8(staged: Path, nodes: list[str]) -> onnx.ModelProto:
+def _int8_dynamic(staged: Path, nodes: list[str]) -> onnx.ModelProto:
     """Dynamic int8: per-output-channel signed weights, uint8 activations (ORT's only dynamic type).
 
     ``nodes_to_quantize`` pins the exact MatMuls. ORT's default ``MatMulConstBOnly`` already skips
@@ -236,20 +235,33 @@ def _int8(staged: Path, nodes: list[str]) -> onnx.ModelProto:
     return onnx.load(str(out))
 
 
-def _int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    """Block-wise symmetric int4 (round to nearest) -> ``MatMulNBits``, in place.
+def _nbits(model: onnx.ModelProto, targets: dict[str, str], recipe: QuantRecipe) -> onnx.ModelProto:
+    """Block-wise weight-only quantization (round to nearest) -> ``MatMulNBits``, in place: 8 bits for the
+    weights an int8 recipe or an int4 recipe's ``eight_bit`` regex names, then 4 bits for the rest.
 
     Opset 20 / IR 10 need no change: the quantizer adds the ``com.microsoft`` opset itself, and
     MatMulNBits stores packed uint8 (no INT4 tensor type, which would need opset 21). It visits
     every MatMul and skips those whose B is not an initializer, which after ``_prepare`` leaves
-    exactly the frozen weights.
+    exactly the frozen weights. Its ``nodes_to_include`` widens its choice rather than narrowing it,
+    so each pass names the nodes it must leave in ``nodes_to_exclude``.
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=INT4_ACCURACY_LEVEL)
-    quantizer.process()
-    return quantizer.model.model
+    eight = {node for node, weight in targets.items()
+             if recipe.mode == "int8" or (recipe.eight_bit and re.search(recipe.eight_bit, weight))}
+    for bits, chosen in ((8, eight), (4, set(targets) - eight)):
+        if not chosen:
+            continue
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size,
+                                         is_symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level,
+                                         nodes_to_exclude=sorted(set(targets) - chosen))
+        quantizer.process()
+        model = quantizer.model.model
+    return model
+
+
+def _bits(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "bits")
 
 
 def _external_data(path: Path) -> str:

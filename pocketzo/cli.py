@@ -195,21 +195,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
     from pocketzo.runtime.data import TextEncoder
     from pocketzo.zo_trainer import evaluate
+    from pocketzo.zo_trainer.evaluate import fit_label_prior
     from pocketzo.zo_trainer.run import load_data
 
-    if args.batch_size < 1:
-        raise PocketzoError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.calibrate_rows < 1:
+        raise PocketzoError(f"--batch-size and --calibrate-rows must be >= 1, got {args.batch_size} and "
+                            f"{args.calibrate_rows}")
     session_config = _dataclass_from_args(SessionConfig, args)
     bundle = Bundle(args.bundle)
-    data = load_data(TextEncoder(bundle), args.data)
+    if args.calibrate and bundle.task.kind != "classify":
+        raise PocketzoError(f"--calibrate: {bundle.path} is a {bundle.task.kind} bundle; a label prior needs classify")
+    encoder = TextEncoder(bundle)
+    data = load_data(encoder, args.data)
     params = FlatParameters.from_bundle(bundle, args.weights)
     session = TrainingSession(bundle, session_config, params)
-    result = evaluate(session, data, args.batch_size)
+    offsets = fit_label_prior(session, load_data(encoder, args.calibrate), args.calibrate_rows) \
+        if args.calibrate else None
+    result = evaluate(session, data, args.batch_size, offsets).to_json()
+    if offsets is not None:
+        result["label_offsets"] = [float(x) for x in offsets]
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result))
     else:
-        for k, v in result.to_json().items():
-            print(f"{k:12s} {v:.4f}" if isinstance(v, float) else f"{k:12s} {v}")
+        for k, v in result.items():
+            shown = f"{v:.4f}" if isinstance(v, float) else ", ".join(f"{x:.3f}" for x in v) \
+                if isinstance(v, list | tuple) else v
+            print(f"{k:16s} {shown}")
     return 0
 
 
@@ -334,11 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("eval", parents=[common],
-                       help="loss (and accuracy, macro-F1) of a bundle on a JSONL file (device)")
+                       help="loss (and accuracy, macro-F1, label AUC) of a bundle on a JSONL file (device)")
     v.add_argument("bundle")
     v.add_argument("--data", required=True)
     v.add_argument("--weights", help="a run's weights.safetensors (default: the bundle's own)")
     v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--calibrate", metavar="TRAIN", help="classify: fit the label prior on rows of this labelled "
+                   "file and decide with it (the zero-shot baseline with a recalibrated decision rule)")
+    v.add_argument("--calibrate-rows", type=int, default=64, help="rows of --calibrate used (default 64)")
     _add_dataclass_flags(v, SessionConfig, help={"threads": "intra-op threads, 0 = one per core"})
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)

@@ -198,9 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pocketzo.zo_trainer.evaluate import fit_label_prior
     from pocketzo.zo_trainer.run import load_data
 
-    if args.batch_size < 1 or args.calibrate_rows < 1:
-        raise PocketzoError(f"--batch-size and --calibrate-rows must be >= 1, got {args.batch_size} and "
-                            f"{args.calibrate_rows}")
+    for flag, value in (("--batch-size", args.batch_size), ("--calibrate-rows", args.calibrate_rows)):
+        if value < 1:
+            raise PocketzoError(f"{flag} must be >= 1, got {value}")
     session_config = _dataclass_from_args(SessionConfig, args)
     bundle = Bundle(args.bundle)
     if args.calibrate and bundle.task.kind != "classify":

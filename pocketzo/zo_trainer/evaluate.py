@@ -72,9 +72,9 @@ def fit_label_prior(session: TrainingSession | GradientSession, data: Dataset,
                     rows: int = 64) -> npt.NDArray[np.float64]:
     """Per-label offsets subtracted from ``candidate_loss`` before the argmin, from ``rows`` rows of ``data``
     drawn with a fixed seed (a file sorted by label gives a fair sample too): each label's mean candidate loss
-    over them (the model's own preference for the label, whatever the text) minus the log of the label's share
-    among them (add-one smoothed), so the decision follows the data's prior instead of the model's. Costs one
-    forward pass of ``rows`` rows."""
+    over them (the model's own preference for the label, whatever the text) plus the log of the label's share
+    among them (add-one smoothed): the decision is then argmax of log p(label | text) - mean log p(label) +
+    log prior(label), the data's prior in place of the model's. Costs one forward pass of ``rows`` rows."""
     task = session.bundle.task
     if task.kind != "classify":
         raise ValueError("a label prior needs a classify bundle")
@@ -83,7 +83,7 @@ def fit_label_prior(session: TrainingSession | GradientSession, data: Dataset,
     loss = np.asarray(session.run(b.input_ids, b.attention_mask, b.labels, ("candidate_loss",))["candidate_loss"],
                       np.float64)
     counts = np.bincount(data.classes[idx], minlength=len(task.labels)) + 1.0
-    return loss.mean(axis=0) - np.log(counts / counts.sum())
+    return loss.mean(axis=0) + np.log(counts / counts.sum())
 
 
 def evaluate(session: TrainingSession | GradientSession, data: Dataset, batch_size: int = 32,

@@ -189,6 +189,14 @@ def test_bad_recipes_are_refused(mode, recipe, message):
         QuantRecipe(mode, **recipe)
 
 
+@pytest.mark.parametrize("quantize, options", [("none", {"quant_accuracy_level": 4}), ("none", {"quant_8bit": "x"}),
+                                               ("int8-dynamic", {"quant_block_size": 64})])
+def test_quant_options_without_a_weight_only_base_are_refused(quantize, options):
+    with pytest.raises(ExportError, match="need --quantize int8 or int4"):
+        ExportConfig(task="causal-lm", quantize=quantize, **options)
+    assert ExportConfig(task="causal-lm", quantize="int4", **options).quant_recipe.weight_only
+
+
 def test_int4_keeps_the_weights_its_regex_names_at_8_bits(frozen_bundles, tmp_path):
     """(Whether that helps accuracy is measured on SmolLM2: on these random models the loss errors of single
     weights are too small and of mixed signs to order the recipes.)"""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from pocketzo.errors import ExportError
@@ -99,9 +99,11 @@ class ExportConfig:
             raise ExportError(f"--peft must be none, lora, prompt or bitfit, got {self.peft!r}")
         if self.quantize not in ("none", "int8", "int4", "int8-dynamic"):
             raise ExportError(f"--quantize must be none, int8, int4 or int8-dynamic, got {self.quantize!r}")
-        if self.quantize == "none" and self.quant_8bit is not None:
-            raise ExportError("--quant-8bit needs --quantize int4")
-        self.quant_recipe  # noqa: B018 (validates the --quant-* options)
+        recipe = self.quant_recipe  # validates the --quant-* options
+        given = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                 if f.name.startswith("quant_") and getattr(self, f.name) != f.default]
+        if given and (recipe is None or not recipe.weight_only):
+            raise ExportError(f"{', '.join(given)}: these shape a weight-only base; they need --quantize int8 or int4")
         if self.peft != "none" and self.trainable != "all":
             raise ExportError("--trainable and --peft both choose what trains; give only one of them")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or self.prompt_tokens < 1 or not self.lora_targets:

@@ -28,7 +28,7 @@ PERSONAL_TRAIN  := --recipe zo-sgd --steps 150 --batch-size 8 --eval-batch-size 
 PERSONAL_PROMPT := "HAMLET\n"
 
 .PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick bench-methods \
-        bench-split clean
+        bench-split bench-value bench-value-quick clean
 
 setup: $(STAMP)
 
@@ -93,6 +93,15 @@ bench-accuracy: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
 
 bench-accuracy-quick: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
 	$(PY) benchmarks/accuracy.py --cache $(CACHE) --quick
+
+# What a fine-tune gains per minute of training, by method, on Rotten Tomatoes (and out of domain) and 3-class
+# tweets: docs/value.md. Resumable grid (one JSON per run in benchmarks/value/, rewritten after each reading);
+# the quick mode runs the rt zero-shot rows, ZO-SGD and the default recipe at seed 0, 5 minutes each (~20 min).
+bench-value: setup
+	$(PY) benchmarks/value.py
+
+bench-value-quick: setup
+	$(PY) benchmarks/value.py --quick
 
 # ZO, exact gradients (fo), hybrid and PyTorch AdamW on the demo task at equal wall-clock: docs/methods.md.
 # Exports its two gradient bundles once; resumable (one JSON per run in benchmarks/methods/).

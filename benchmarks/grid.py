@@ -105,9 +105,12 @@ def accuracy_at(curve: list[dict], seconds: float) -> float | None:
 
 
 def main(description: str, rows: dict, results: Path, run_one: Callable[[str, int], object], report: Path,
-         write_report: Callable[[], object], seeded: Callable[[str], bool] = lambda name: True) -> int:
+         write_report: Callable[[], object], seeded: Callable[[str], bool] = lambda name: True,
+         done: Callable[[str, int], bool] | None = None) -> int:
     """The grid's command line: ``[--seeds 0,1,2] [--only ROW,...] [--rerun] [--report-only]``. Seed-major, so
-    every row gets seed 0 before any gets seed 1; a row that is not ``seeded`` runs at seed 0 only."""
+    every row gets seed 0 before any gets seed 1; a row that is not ``seeded`` runs at seed 0 only. A run is
+    skipped when ``done(row, seed)`` (default: its result file exists)."""
+    done = done or (lambda name, seed: (results / f"{name}-s{seed}.json").is_file())
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the seeded rows; the others run at seed 0 only")
     ap.add_argument("--only", help=f"comma-separated rows of {', '.join(rows)}")
@@ -121,7 +124,9 @@ def main(description: str, rows: dict, results: Path, run_one: Callable[[str, in
     if not args.report_only:
         for seed in (int(s) for s in args.seeds.split(",")):
             for name in names:
-                if (seed == 0 or seeded(name)) and (args.rerun or not (results / f"{name}-s{seed}.json").is_file()):
+                if (seed == 0 or seeded(name)) and (args.rerun or not done(name, seed)):
+                    if args.rerun:  # from scratch, not from a result's last stage
+                        (results / f"{name}-s{seed}.json").unlink(missing_ok=True)
                     run_one(name, seed)
     write_report()
     print(f"wrote {report.relative_to(ROOT)}")

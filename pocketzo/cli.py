@@ -23,6 +23,8 @@ TRAIN_HELP = {
     "momentum": "EMA of the estimate (0: off); keeps one float32 per trainable weight",
     "adaptive": "divide the step by the RMS of past projected gradients (no per-weight memory): lr becomes "
                 "the step per weight",
+    "normalize": "divide the step by the standard deviation of the step's q perturbed losses (FZOO; needs "
+                 "--directions >= 2): lr is the step per weight",
     "sign": "step along the sign of the estimate (or momentum): lr is the step per weight",
     "sparsity": "fraction of each tensor never perturbed (its largest-magnitude weights); one float32 per weight",
     "curvature": "EMA rate of a diagonal curvature estimate scaling the directions (HiZOO-like; needs "
@@ -47,6 +49,9 @@ POLICY_HELP = {
     "eval_batch_size": "rows per evaluation batch (fo, hybrid: at most --batch-size, which bounds the gradient "
                        "graph's memory)",
     "checkpoint_every": "steps between checkpoints (0: only on SIGINT/SIGTERM)",
+    "max_train_seconds": "stop once the training steps have taken this many seconds (evaluations excluded), "
+                         "with a checkpoint: --resume with a larger value goes on (0: no limit; --steps still sets "
+                         "the lr schedule)",
 }
 
 
@@ -177,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         policy = _dataclass_from_args(RunPolicy, argparse.Namespace(**policy_given))
         summary = train(args.bundle, args.data, args.out, method, policy, eval_path=args.eval,
                         overwrite=args.overwrite)
-    keys = ("zero_shot_accuracy", "final_accuracy", "steps", "step_seconds_median", "peak_rss_mb", "weights")
+    keys = ("zero_shot_accuracy", "final_accuracy", "steps", "stopped_by", "train_seconds", "step_seconds_median",
+            "peak_rss_mb", "weights")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 

@@ -19,16 +19,11 @@ import pytest
 
 from pocketzo.errors import AssetError
 from pocketzo.export import gguf_convert
-from pocketzo.export.assets import (
-    GGUF,
-    RawFile,
-    default_cache_dir,
-    ensure_model,
-    ensure_raw_file,
-    ensure_rotten_tomatoes,
-    extract_member,
-)
-from pocketzo.export.rotten_tomatoes import Row, SplitConfig, dedupe_rows, read_rotten_tomatoes, split_balanced
+from pocketzo.export.assets import ROTTEN_TOMATOES, TWEETS, default_cache_dir, ensure_labelled, ensure_model
+from pocketzo.export.rotten_tomatoes import read_rotten_tomatoes
+from pocketzo.export.splits import Row, SplitConfig, dedupe_rows, split_balanced
+from pocketzo.export.tweets import read_tweets
+from pocketzo.export.wheels import GGUF, RawFile, ensure_raw_file, extract_member
 
 SMALL = SplitConfig(seed=7, n_test_per_class=3, n_dev_per_class=2)
 
@@ -155,11 +150,11 @@ def test_read_rotten_tomatoes_not_bz2_raises(tmp_path: Path) -> None:
         read_rotten_tomatoes(path)
 
 
-def test_ensure_rotten_tomatoes_writes_once_and_rebuilds_when_tampered(tmp_path: Path) -> None:
+def test_ensure_labelled_writes_once_and_rebuilds_when_tampered(tmp_path: Path) -> None:
     csv_path = tmp_path / "rt.csv.bz2"
     _write_csv_bz2(csv_path, [*_reviews(), ("plot", "story", "m")])
     cache = tmp_path / "cache"
-    out = ensure_rotten_tomatoes(cache, csv_path, config=SMALL)
+    out = ensure_labelled(cache, ROTTEN_TOMATOES, csv_path, split=SMALL)
     assert _listing(out) == ["dev.jsonl", "split.json", "test.jsonl", "train.jsonl"]
     lines = (out / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert Counter(json.loads(line)["label"] for line in lines) == {"positive": 4, "negative": 4}
@@ -167,25 +162,71 @@ def test_ensure_rotten_tomatoes_writes_once_and_rebuilds_when_tampered(tmp_path:
     assert meta["seed"] == 7 and meta["counts"]["test"] == {"negative": 3, "positive": 3, "total": 6}
 
     logs: list[str] = []
-    ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
+    ensure_labelled(cache, ROTTEN_TOMATOES, csv_path, split=SMALL, log=logs.append)
     assert logs == []  # complete: skipped
 
     dev = (out / "dev.jsonl").read_text(encoding="utf-8")
     flipped = dev.replace('"positive"', '"POSITIVE"')  # same size: only the sha256 can tell
     (out / "dev.jsonl").write_text(flipped, encoding="utf-8")
-    ensure_rotten_tomatoes(cache, csv_path, config=SMALL, log=logs.append)
+    ensure_labelled(cache, ROTTEN_TOMATOES, csv_path, split=SMALL, log=logs.append)
     assert logs and (out / "dev.jsonl").read_text(encoding="utf-8") == dev
     assert _listing(cache / "data") == ["rotten_tomatoes"]  # no temp dirs left behind
 
 
-def test_ensure_rotten_tomatoes_rebuilds_for_another_split_config(tmp_path: Path) -> None:
+def test_ensure_labelled_rebuilds_for_another_split_config(tmp_path: Path) -> None:
     csv_path = tmp_path / "rt.csv.bz2"
     _write_csv_bz2(csv_path, _reviews())
-    out = ensure_rotten_tomatoes(tmp_path / "cache", csv_path, config=SMALL)
+    out = ensure_labelled(tmp_path / "cache", ROTTEN_TOMATOES, csv_path, split=SMALL)
     other = SplitConfig(seed=7, n_test_per_class=2, n_dev_per_class=2)
-    ensure_rotten_tomatoes(tmp_path / "cache", csv_path, config=other)
+    ensure_labelled(tmp_path / "cache", ROTTEN_TOMATOES, csv_path, split=other)
     meta = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert meta["n_test_per_class"] == 2 and meta["counts"]["test"]["total"] == 4
+
+
+# --------------------------------------------------------------------------- tweets
+
+
+def _write_tweets(path: Path, body: bytes) -> None:
+    path.write_bytes(b"sentiment,confidence,text\r\n" + body)
+
+
+def test_read_tweets_keeps_confident_rows_and_drops_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "tweets.csv"
+    _write_tweets(path, b"negative,0.95,late again \xd1\xd1bags lost\r\n"  # two bytes that are not UTF-8
+                        b"neutral,0.9,\"boarding at 5, gate 3\"\r\n"
+                        b"positive,0.89,just under the bar\r\n"
+                        b"positive,,no confidence given\r\n"
+                        b"positive,1,caf\xc3\xa9 on board was great\r\n")
+    assert read_tweets(path) == [("late again bags lost", "negative"), ("boarding at 5, gate 3", "neutral"),
+                                 ("café on board was great", "positive")]
+
+
+@pytest.mark.parametrize(("row", "error"), [(b"mixed,0.95,meh", r"tweets\.csv, record ending on line 2.*'mixed'"),
+                                            (b"neutral,high,ok", r"tweets\.csv, record ending on line 2.*'high'")])
+def test_read_tweets_bad_row_names_the_file_and_line(tmp_path: Path, row: bytes, error: str) -> None:
+    path = tmp_path / "tweets.csv"
+    _write_tweets(path, row + b"\r\n")
+    with pytest.raises(AssetError, match=error):
+        read_tweets(path)
+
+
+def test_read_tweets_missing_column_raises(tmp_path: Path) -> None:
+    path = tmp_path / "tweets.csv"
+    path.write_bytes(b"sentiment,text\r\nneutral,ok\r\n")
+    with pytest.raises(AssetError, match=r"tweets\.csv: missing CSV columns \['confidence'\]"):
+        read_tweets(path)
+
+
+def test_tweets_split_is_balanced_over_three_labels(tmp_path: Path) -> None:
+    path = tmp_path / "tweets.csv"
+    sizes = {"negative": 20, "neutral": 12, "positive": 9}
+    body = b"".join(f"{label},0.99,{label} tweet {i}\r\n".encode() for label, n in sizes.items() for i in range(n))
+    _write_tweets(path, body + b"positive,0.5,an unsure one\r\n")
+    out = ensure_labelled(tmp_path / "cache", TWEETS, path, split=SMALL)
+    meta = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert meta["counts"]["train"] == {"negative": 4, "neutral": 4, "positive": 4, "total": 12}  # 9 - 3 - 2
+    assert meta["counts"]["dev"]["total"] == 6 and meta["min_confidence"] == 0.9
+    assert out == tmp_path / "cache" / "data" / "tweets"
 
 
 # --------------------------------------------------------------------------- hashes and wheels

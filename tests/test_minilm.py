@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pocketzo.export import ExportConfig, export_bundle
-from pocketzo.export.assets import ENCODER_FILES, prepare_assets
+from pocketzo.export.assets import prepare_assets
+from pocketzo.export.wheels import ENCODER_FILES
 from pocketzo.runtime import Bundle, FlatParameters, TrainingSession
 from pocketzo.runtime.data import TextEncoder
 

@@ -156,7 +156,8 @@ def test_curvature_shrinks_directions_where_the_loss_is_curved():
     dict(sparsity=0.5),
     dict(perturbation="gaussian", curvature=1e-3),
     dict(eps_end=1e-4, schedule="linear"),
-], ids=["sgd", "q4", "one-sided", "momentum", "adaptive", "sign", "adam", "sparse", "curvature", "eps-decay"])
+    dict(estimator="one-sided", directions=4, normalize=True, lr=2e-2),
+], ids=["sgd", "q4", "one-sided", "momentum", "adaptive", "sign", "adam", "sparse", "curvature", "eps-decay", "fzoo"])
 def test_each_update_rule_reduces_the_loss(fields):
     model = TinyMLP(seed=1)
     cfg = Method(**{"steps": 400, "lr": 0.2, "eps": 1e-3, **fields})
@@ -179,7 +180,9 @@ def test_each_update_rule_reduces_the_loss(fields):
     (dict(sparsity=0.5), 1, 0),
     (dict(perturbation="gaussian", curvature=1e-3), 1, 2),
     (dict(momentum=0.9, sparsity=0.5), 2, 1),
-], ids=["plain", "one-sided-q4", "momentum", "adaptive", "sign", "sign-q2", "sparse", "curvature", "momentum+sparse"])
+    (dict(directions=4, estimator="one-sided", normalize=True), 0, 0),
+], ids=["plain", "one-sided-q4", "momentum", "adaptive", "sign", "sign-q2", "sparse", "curvature", "momentum+sparse",
+        "fzoo"])
 def test_memory_overhead_matches_the_docstring(fields, arrays, scratch_per_thread):
     """updates' table: n float32 per state array, one chunk of scratch per thread for a per-weight update
     (two with curvature); measured with tracemalloc while the trainer is built, beyond a plain trainer's."""
@@ -261,9 +264,26 @@ def test_stateful_runs_replay_and_resume_bit_for_bit(cfg, bundles, sentiment_fil
     assert replay_run(bundle, run / "log.bin").buffer.tobytes() == weights.tobytes()
 
 
+def test_normalize_divides_the_step_by_the_spread_of_the_directions():
+    """FZOO's rule: the step is lr x g_j / std(g) per direction, so scaling every loss difference (a loss
+    measured in other units) leaves the update unchanged, where a plain step would scale with it."""
+    from pocketzo.zo_trainer.estimators import Estimate
+    from pocketzo.zo_trainer.updates import UpdateRule
+
+    specs, n = layout([("w", (8,), False)])
+    params = FlatParameters(specs, n)
+    rule = UpdateRule(Method(steps=1, lr=0.1, estimator="one-sided", directions=2, normalize=True), params, 1)
+    coefs = [t.coef for t in rule.ops(Estimate((11, 12), (1.0, 3.0)), 0.1)]  # std(1, 3) = 1
+    assert coefs == pytest.approx([-0.1 * 1.0 / 2, -0.1 * 3.0 / 2], rel=1e-6)
+    scaled = [t.coef for t in rule.ops(Estimate((11, 12), (10.0, 30.0)), 0.1)]
+    assert scaled == pytest.approx(coefs, rel=1e-6)
+
+
 def test_options_that_cannot_compose_are_refused():
     for bad in (dict(curvature=1e-3), dict(curvature=1e-3, perturbation="gaussian", estimator="one-sided"),
-                dict(momentum=0.9, weight_decay=0.1), dict(eps_end=1.0), dict(directions=0), dict(sparsity=1.0)):
+                dict(momentum=0.9, weight_decay=0.1), dict(eps_end=1.0), dict(directions=0), dict(sparsity=1.0),
+                dict(normalize=True), dict(normalize=True, directions=4, adaptive=True),
+                dict(method="hybrid", normalize=True, directions=2, optimizer="adamw")):
         with pytest.raises(ValueError):
             Method(steps=1, **bad)
 

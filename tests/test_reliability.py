@@ -104,6 +104,22 @@ def test_sigterm_checkpoints_and_the_run_resumes(bundles, sentiment_files, refer
     assert _weights(run / "weights.safetensors") == _weights(reference / "weights.safetensors")
 
 
+def test_a_time_budget_stops_with_a_checkpoint_and_a_larger_one_goes_on_bit_identical(bundles, sentiment_files,
+                                                                                      reference, tmp_path):
+    run, budget = tmp_path / "run", 0.05
+    summary = train(bundles("llama-classify"), sentiment_files["train"], run, CFG,
+                    replace(POLICY, max_train_seconds=budget), eval_path=sentiment_files["dev"])
+    seconds = [json.loads(line)["seconds"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert summary["stopped_by"] == "max_train_seconds" and 1 <= summary["steps"] == len(seconds) < CFG.steps
+    assert sum(seconds[:-1]) < budget <= sum(seconds) == pytest.approx(summary["train_seconds"])  # the first over it
+    assert (run / "checkpoints" / f"step-{summary['steps']:08d}").is_dir()
+    again = resume(run)  # the same budget, already spent: no step
+    assert again["steps"] == summary["steps"] and again["stopped_by"] == "max_train_seconds"
+    done = resume(run, {"max_train_seconds": 0.0})
+    assert done["steps"] == CFG.steps and done["stopped_by"] is None
+    assert _weights(run / "weights.safetensors") == _weights(reference / "weights.safetensors")
+
+
 def test_a_torn_checkpoint_is_skipped(bundles, sentiment_files, reference, tmp_path):
     cfg = replace(CFG, steps=100)
     run = tmp_path / "run"

@@ -25,6 +25,9 @@ METHOD_VERSION = 3  # 3: Method and RunPolicy split, one record per step; 2: Box
 # a scalar second moment with lr as the step per weight. Method's own defaults stay plain ZO-SGD.
 RECIPES: dict[str, dict[str, Any]] = {
     "best": {"adaptive": True, "lr": 1e-3},
+    # FZOO (Dang et al., 2025): q one-sided Rademacher directions sharing L(theta), the step divided by the spread
+    # of the q losses; its 8 directions, lr as the step per weight, as in "best"
+    "fzoo": {"estimator": "one-sided", "directions": 8, "normalize": True, "lr": 1e-3},
     "zo-sgd": {},  # MeZO's ZO-SGD: one two-sided direction, plain update
     "fo-adamw": {"method": "fo", "optimizer": "adamw", "lr": 1e-3},  # exact gradients (export --gradients)
     # exact gradients for the top layers (export --gradient-layers K), one-sided ZO for the tensors below
@@ -62,6 +65,9 @@ class Method:
     estimator: EstimatorKind = "two-sided"  # two-sided: 2q forwards/step; one-sided: q + 1, sharing L(theta)
     momentum: float = 0.0  # beta of an EMA of the estimate (ZO-SGD-MMT); > 0 keeps one float32 per weight
     adaptive: bool = False  # divide the step by the RMS of past g (a scalar second moment)
+    # divide the step by the standard deviation of this step's q directional estimates, i.e. of the q perturbed
+    # losses (FZOO's normalized SGD; its eta is lr x eps here): needs q >= 2
+    normalize: bool = False
     sign: bool = False  # step along the sign of the estimate (or of the momentum)
     sparsity: float = 0.0  # fraction of each tensor never perturbed: its largest-magnitude weights
     curvature: float = 0.0  # EMA rate of a diagonal curvature estimate that scales z (HiZOO-like; 0: off)
@@ -85,6 +91,9 @@ class Method:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.weight_decay < 1, "weight_decay must be in [0, 1)"),
             (self.directions >= 1, "directions must be >= 1"),
+            (not self.normalize or self.directions >= 2, "normalize divides by the spread of the step's directions: "
+             "it needs --directions >= 2"),
+            (not (self.normalize and self.adaptive), "normalize and adaptive both set the step's scale: choose one"),
             (self.estimator in ("two-sided", "one-sided"), "estimator must be two-sided or one-sided"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (0 <= self.sparsity < 1, "sparsity must be in [0, 1)"),
@@ -101,15 +110,15 @@ class Method:
              "--grad-clip need --method fo or hybrid (ZO's Adam-like rule is --adaptive)"),
             (self.method != "fo" or not (self.directions != 1 or self.estimator != "two-sided"),
              "--method fo takes the exact gradient: no --directions or --estimator"),
-            (self.method == "zo" or not (self.adaptive or self.sign or self.sparsity or self.curvature
-                                         or self.eps_end),
-             f"--method {self.method} updates with the optimizer: no --adaptive, --sign, --sparsity, "
+            (self.method == "zo" or not (self.adaptive or self.normalize or self.sign or self.sparsity
+                                         or self.curvature or self.eps_end),
+             f"--method {self.method} updates with the optimizer: no --adaptive, --normalize, --sign, --sparsity, "
              "--curvature or --eps-end"),
             (self.method == "zo" or self.optimizer == "sgd" or not self.momentum,
              "--momentum is SGD's; AdamW's first moment is fixed at 0.9"),
             (self.method == "fo" or self.weight_decay == 0
              or not (self.momentum or self.sign or self.sparsity or self.curvature),
-             "weight_decay works only with updates that rescale the step (plain or --adaptive): not with "
+             "weight_decay works only with updates that rescale the step (plain, --adaptive, --normalize): not with "
              "momentum, sign, sparsity or curvature"),
         ])
 
@@ -179,10 +188,13 @@ class RunPolicy:
     progress: bool = True  # a progress bar on stderr
     cache_trunk: str | None = None  # a split bundle: this directory caches the training set's trunk outputs
     split: bool = True  # a split bundle: train on its trunk and head (false: on its whole loss graph)
+    # 0: no limit; else stop, with a checkpoint, after the step that brings the steps' seconds to this many
+    max_train_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _check([
             (self.threads >= 0 and self.eval_every >= 0, "threads and eval_every must be >= 0"),
+            (self.max_train_seconds >= 0, "max_train_seconds must be >= 0 (0: no limit)"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every must be >= 0 and "
              "keep_checkpoints >= 1"),

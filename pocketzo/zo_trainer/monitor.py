@@ -71,8 +71,8 @@ class RunMonitor:
         if improved:
             return None
         m = self.method
-        hint = (f"raise --lr (now {m.lr:g}; try {10 * m.lr:g})" if not (m.adaptive or m.sign) else
-                f"raise --lr (now {m.lr:g}: with --adaptive/--sign it is the step per weight)")
+        hint = (f"raise --lr (now {m.lr:g}; try {10 * m.lr:g})" if not (m.adaptive or m.normalize or m.sign) else
+                f"raise --lr (now {m.lr:g}: with --adaptive/--normalize/--sign it is the step per weight)")
         if improved is None:
             slope, t = loss_trend(self.losses)
             if t < -2:

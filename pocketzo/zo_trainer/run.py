@@ -94,9 +94,12 @@ class _Loop:
         self.undone = 0
         self.monitor = RunMonitor(self.trainer.method, policy.spike_factor)
         self.warnings: list[str] = []
+        self.train_seconds = 0.0  # the steps' seconds (evaluations and checkpoints excluded), resumed runs' too
+        self.stopped_by: str | None = None  # why the run ended before method.steps
         if start:
             for r in read_log(run_dir / LOG)[: start.step]:
                 self.monitor.remember(r)
+                self.train_seconds += r.seconds
         self._signal: int | None = None
 
     @property
@@ -135,6 +138,10 @@ class _Loop:
                     open(self.run_dir / LOG_BIN, "ab") as log_bin, \
                     Progress(m.steps, "train", enabled=policy.progress) as bar:
                 bar.update(self.steps_done)
+                if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds \
+                        and self.steps_done < m.steps:  # resumed with a budget already spent
+                    self.stopped_by = "max_train_seconds"
+                    return
                 for step in range(self.steps_done, m.steps):
                     batch = self.train_data.batch(self.sampler.indices(step))
                     record = self.trainer.step(step, batch, m.lr_at(step) * self.lr_scale, self.monitor.loss_limit())
@@ -144,6 +151,7 @@ class _Loop:
                     log_bin.flush()
                     self.steps_done = step + 1
                     self.step_seconds.append(record.seconds)
+                    self.train_seconds += record.seconds
                     self.forward_seconds.append(record.forward_seconds / self.forwards_per_step)
                     self._after(record)
                     bar.update(1, loss=record.loss, g=record.grad_rms)
@@ -160,6 +168,11 @@ class _Loop:
                         name = signal.Signals(self._signal).name
                         raise RunInterrupted(f"stopped by {name} after step {self.steps_done}; a checkpoint was "
                                              f"saved: continue it with `pocketzo train --resume {self.run_dir}`")
+                    if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds \
+                            and self.steps_done < m.steps:
+                        self.checkpoint(log, log_bin)  # a later --resume with a larger budget goes on from here
+                        self.stopped_by = "max_train_seconds"
+                        break
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -184,6 +197,8 @@ class _Loop:
     def measured(self, t_start: float) -> dict[str, Any]:
         return {
             "steps": self.steps_done,
+            "stopped_by": self.stopped_by,
+            "train_seconds": self.train_seconds,
             "forward_passes": self.forwards_per_step * self.steps_done,
             "perturbed_losses": self.steps_done * self.trainer.method.forwards_per_step(),
             "eval_forward_passes": sum(e["forward_passes"] for e in self.evals),

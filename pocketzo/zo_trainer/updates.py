@@ -8,6 +8,8 @@ and the update is theta -= lr_t * d:
     plain              d = e
     momentum beta      m = beta m + (1 - beta) e;  d = m / (1 - beta^t)      (ZO-SGD-MMT, bias-corrected)
     adaptive           lr_t = lr / (sqrt(v / (1 - 0.99^t)) + 1e-8),  v = 0.99 v + 0.01 mean_j g_j^2
+    normalize          lr_t = lr / (std_j g_j + 1e-8): the spread of this step's q estimates (FZOO; as
+                       g_j = (L_j - L_0) / eps, that is the spread of the perturbed losses over eps)
     sign               d = sign(d)
     sparsity s         sigma_i = 0 on the fraction s of each tensor's largest-magnitude weights, else 1
                        (as Sparse MeZO, the mask is fixed from the initial weights)
@@ -15,7 +17,7 @@ and the update is theta -= lr_t * d:
                        with c_j the curvature along u_j (HiZOO-like: the directions, and so the steps,
                        shrink where the loss is curved)
 
-Plain, adaptive, sparse, and sign of one Rademacher direction only *rescale* the step: the update is
+Plain, adaptive, normalized, sparse, and sign of one Rademacher direction only *rescale* the step: the update is
 ``Term(seed_j, -lr_t g_j / q)`` per direction (sign(g z) = sign(g) z when z = +-1), which the sequential
 evaluator fuses with the restore of the last perturbation. Those updates generate z no more often
 than plain ZO-SGD: 3 times per two-sided step. Momentum, curvature and sign over several directions
@@ -27,7 +29,7 @@ weight. Keeping one scalar is exact there and an approximation otherwise (q > 1,
 
 Memory beyond the weights (n = trainable elements; everything float32):
 
-    plain, adaptive, sign (rescaling)      0
+    plain, adaptive, normalize, sign       0
     sparsity > 0 or curvature > 0          n  (sigma; a sparse mask alone could be n/32 bits: not done)
     momentum > 0                           n  (m)
     a per-weight update                    one chunk (1 MiB) per thread, two with curvature
@@ -141,6 +143,8 @@ class UpdateRule:
         if m.adaptive:
             st.v = BETA2 * st.v + (1.0 - BETA2) * sum(g * g for g in estimate.grads) / q
             scale /= math.sqrt(st.v / (1.0 - BETA2 ** st.t)) + ADAPTIVE_EPS
+        if m.normalize:
+            scale /= float(np.std(np.asarray(estimate.grads, np.float64))) + ADAPTIVE_EPS
         if not self.rescales:
             return (PerWeightUpdate(m, st, estimate, np.float32(lr * scale)),)
         step = lr * scale / q

@@ -1,0 +1,144 @@
+"""docs/value.md from the results of ``benchmarks/value.py`` (one JSON per run in benchmarks/value/)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+METRICS = {"rt": ("accuracy", "auc"), "tweets": ("macro_f1", "accuracy", "auc"), "hamlet": ("perplexity",)}
+PERCENT = {"accuracy", "macro_f1"}  # shown in %; AUC and perplexity as they are
+READINGS = (5, 15, 60)
+
+
+def _load(results: Path) -> dict[str, list[dict]]:
+    """row -> its runs (one per seed), by seed."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("*-s*.json")):
+        r = json.loads(path.read_text(encoding="utf-8"))
+        out.setdefault(r["row"], []).append(r)
+    return {row: sorted(runs, key=lambda r: r["seed"]) for row, runs in out.items()}
+
+
+def _stat(values: list[float], percent: bool = True) -> str:
+    """mean ± std (over seeds; the std only with 2 or more), in % when ``percent``."""
+    if not values:
+        return "–"
+    scale = 100 if percent else 1
+    mean = statistics.mean(values) * scale
+    text = f"{mean:.1f}" if percent else f"{mean:.3f}"
+    if len(values) > 1:
+        std = statistics.stdev(values) * scale
+        text += f" ± {std:.1f}" if percent else f" ± {std:.3f}"
+    return text
+
+
+def _stage(run: dict, minutes: int) -> dict | None:
+    return next((s for s in run.get("stages", []) if s["minutes"] == minutes), None)
+
+
+def _forward_unit(runs: dict[str, list[dict]], task: str) -> float | None:
+    """One forward-equivalent on ``task``: the median forward of its ZO-SGD runs' first stage."""
+    values = [s["forward_seconds_median"] for r in runs.get(f"{task}-zo-sgd", []) for s in r["stages"][:1]
+              if s.get("forward_seconds_median")]
+    return statistics.median(values) if values else None
+
+
+def _metric_cell(evals: list[dict], metric: str) -> str:
+    return _stat([e[metric] for e in evals if e.get(metric) is not None], percent=metric in PERCENT)
+
+
+def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]:
+    metrics = METRICS[task]
+    unit = _forward_unit(runs, task)
+    extra = {"rt": ["out of domain @ 15 min"], "hamlet": ["speaker lines @ 15 min"]}.get(task, [])
+    head = ["row", "what", "seeds"] + [f"{m} @ {t} min" for t in READINGS for m in metrics[:1]] + \
+        [f"{m} @ 15 min" for m in metrics[1:]] + extra + ["steps @ 15 min", "FE @ 15 min", "peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        if row.task != task:
+            continue
+        got = runs.get(name, [])
+        if not got:
+            lines.append(f"| {name} | {row.what} | not run yet |" + " |" * (len(head) - 3))
+            continue
+        if not row.trains:  # one evaluation, the same at every reading
+            e = [r["eval"] for r in got]
+            cells = [_metric_cell(e, metrics[0])] * len(READINGS) + [_metric_cell(e, m) for m in metrics[1:]]
+            cells += _extra_cells(task, got)
+            cells += ["0", "0", "–"]
+        else:
+            cells = []
+            for t in READINGS:
+                at = [s["eval"] for r in got if (s := _stage(r, t))]
+                cells.append(_metric_cell(at, metrics[0]) if t in row.minutes else "")
+            at15 = [s for r in got if (s := _stage(r, 15))]
+            cells += [_metric_cell([s["eval"] for s in at15], m) for m in metrics[1:]]
+            cells += _extra_cells(task, at15)
+            cells.append(f"{statistics.mean(s['steps'] for s in at15):,.0f}" if at15 else "–")
+            cells.append(f"{statistics.mean(s['train_seconds'] for s in at15) / unit:,.0f}" if at15 and unit else "–")
+            cells.append(f"{max(s['peak_rss_mb'] for r in got for s in r['stages']):,.0f} MB")
+        lines.append(f"| {name} | {row.what} | {len(got)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _extra_cells(task: str, readings: list[dict]) -> list[str]:
+    """Out-of-domain accuracy (rt) or the samples' share of speaker lines (hamlet), from results or stages."""
+    if task == "rt":
+        return [_metric_cell([r["ood"] for r in readings], "accuracy")]
+    if task == "hamlet":
+        return [_stat([r["speaker_line_share"] for r in readings if r.get("speaker_line_share") is not None])]
+    return []
+
+
+def _samples(runs: dict[str, list[dict]]) -> list[str]:
+    """The hamlet rows' greedy samples (seed 0; trained rows after 15 minutes)."""
+    out = []
+    for name, rs in runs.items():
+        r = next((r for r in rs if r["seed"] == 0 and r.get("task") == "hamlet"), None)
+        source = r and (_stage(r, 15) if "stages" in r else r)
+        if source and source.get("samples"):
+            out += [f"**{name}**" + (" (after 15 minutes)" if "stages" in r else ""), ""]
+            out += ["    " + line for sample in source["samples"] for line in (*sample.splitlines(), "")]
+    reference = next((r.get("reference_speaker_line_share") for rs in runs.values() for r in rs
+                      if r.get("reference_speaker_line_share") is not None), None)
+    if reference is not None:
+        out.insert(0, f"Speaker lines in the held-out text itself: {100 * reference:.1f} %.\n")
+    return out
+
+
+def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
+    runs = _load(results)
+    dates = sorted(r["date"][:10] for rs in runs.values() for r in rs)
+    when = f"{dates[0]} to {dates[-1]}" if dates else "not run yet"
+    machine = next((r["machine"] for rs in runs.values() for r in rs), "–")
+    out = [
+        "# Value per phone-minute: what a fine-tune gains for its training time",
+        "",
+        f"Generated by `make bench-value` (`benchmarks/value.py`, `benchmarks/report_value.py`) from the runs in "
+        f"`benchmarks/value/` ({when}; {machine}). Each run is one `pocketzo train` process, one run at a time. "
+        "Readings are at 5, 15 and (ZO-SGD) 60 minutes of training: the sum of the step times, evaluations "
+        "excluded; the run is stopped there (`--max-train-seconds`), evaluated on the whole test split, and "
+        "resumed. A forward-equivalent (FE) is one forward of the task's loss graph at its batch (16 x 64 for rt, "
+        "16 x 96 for tweets, 8 x 128 for hamlet: the median forward of its ZO-SGD run). Accuracy, macro-F1 and "
+        "speaker lines in %, AUC and perplexity as they are, mean ± std over the seeds run; AUC: of the label "
+        "scores (two labels: of the margin), which a moved decision threshold cannot raise.",
+        "",
+    ]
+    for task in tasks:
+        out += [f"## {task}", "", *_task_table(task, rows, runs), ""]
+    samples = _samples(runs)
+    if samples:
+        out += ["## Hamlet samples (greedy)", "", *samples]
+    out += ["## Reproduce", "", "    make bench-value          # the grid; resumable, skips the runs done",
+            "    make bench-value-quick    # rt: zero-shot rows, zo-sgd and best, seed 0, 5 minutes each", "",
+            "Commands of the runs:", ""]
+    for name, rs in runs.items():
+        for r in rs:
+            if "command" in r:
+                out.append(f"- {name} s{r['seed']}: `{r['command']}`")
+    out.append(f"\n(report written {datetime.date.today().isoformat()})")
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+    tmp.replace(report)

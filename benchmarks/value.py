@@ -2,6 +2,7 @@
 
     python benchmarks/value.py [--seeds 0,1,2] [--only rt-best,...] [--rerun] [--report-only]
     python benchmarks/value.py --quick     # rt: the zero-shot rows, zo-sgd and best at seed 0, 5 minutes each
+    python benchmarks/value.py --minutes 5 --only rt-fzoo   # the readings up to 5 minutes (resumed later)
 
 Each training run is one ``pocketzo train`` process with 2 threads, one run at a time, on an otherwise idle
 machine, with a constant lr. It trains until its steps have taken 5 minutes (``--max-train-seconds``), is
@@ -241,8 +242,13 @@ if __name__ == "__main__":
     from report_value import write_report  # noqa: PLC0415 (a sibling script)
 
     if "--quick" in sys.argv:  # the rows' first reading only
-        sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0"]
-        ROWS.update({n: replace(ROWS[n], minutes=ROWS[n].minutes[:1]) for n in QUICK})
+        sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0", "--minutes",
+                                                              "5"]
+    if "--minutes" in sys.argv:  # --minutes M: the readings up to M minutes only (a later run goes on from there)
+        at = sys.argv.index("--minutes")
+        cap = int(sys.argv[at + 1])
+        del sys.argv[at : at + 2]
+        ROWS.update({n: replace(r, minutes=tuple(m for m in r.minutes if m <= cap)) for n, r in ROWS.items()})
     sys.exit(grid.main(__doc__.splitlines()[0], ROWS, RESULTS, run_one, REPORT,
                        lambda: write_report(RESULTS, REPORT, ROWS, TASKS), seeded=lambda n: ROWS[n].trains,
                        done=is_done))

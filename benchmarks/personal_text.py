@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grid
 
+from pocketzo._io import atomic_open
+
 TRAIN_LINES = 5000
 PROMPTS = ("HAMLET\n", "QUEEN GERTRUDE\n")  # the samples' openings (the demo's first)
 NEW_TOKENS = 64
@@ -30,9 +32,8 @@ def ensure_files(work: Path) -> dict[str, Path]:
         lines = lines.splitlines(keepends=True)
         out["train"].parent.mkdir(parents=True, exist_ok=True)
         for path, part in ((out["train"], lines[:TRAIN_LINES]), (out["test"], lines[TRAIN_LINES:])):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(part), encoding="utf-8")
-            tmp.replace(path)
+            with atomic_open(path, "w") as f:
+                f.write("".join(part))
     return out
 
 

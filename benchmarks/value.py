@@ -38,6 +38,8 @@ from pathlib import Path
 import grid
 import personal_text
 
+from pocketzo._io import atomic_open
+
 RESULTS = grid.ROOT / "benchmarks" / "value"
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
 REPORT = grid.ROOT / "docs" / "value.md"
@@ -138,9 +140,8 @@ def _two_class_tweets(path: Path) -> Path:
         rows = (grid.cache() / "data" / "tweets" / "test.jsonl").read_text(encoding="utf-8").splitlines()
         kept = [line for line in rows if json.loads(line)["label"] in ("negative", "positive")]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        with atomic_open(path, "w") as f:
+            f.write("\n".join(kept) + "\n")
     return path
 
 

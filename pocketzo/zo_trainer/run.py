@@ -96,6 +96,7 @@ class _Loop:
         self.warnings: list[str] = []
         self.train_seconds = 0.0  # the steps' seconds (evaluations and checkpoints excluded), resumed runs' too
         self.stopped_by: str | None = None  # why the run ended before method.steps
+        self.checkpointed_step = start.step if start else -1  # the step of the newest checkpoint on disk
         if start:
             for r in read_log(run_dir / LOG)[: start.step]:
                 self.monitor.remember(r)
@@ -126,6 +127,7 @@ class _Loop:
         state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), log_bin.tell(), "",
                                 self.evals)
         save_checkpoint(self.run_dir, self.session.params, state, self.policy.keep_checkpoints, self.trainer.state)
+        self.checkpointed_step = self.steps_done
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signal = signum
@@ -138,11 +140,12 @@ class _Loop:
                     open(self.run_dir / LOG_BIN, "ab") as log_bin, \
                     Progress(m.steps, "train", enabled=policy.progress) as bar:
                 bar.update(self.steps_done)
-                if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds \
-                        and self.steps_done < m.steps:  # resumed with a budget already spent
-                    self.stopped_by = "max_train_seconds"
-                    return
                 for step in range(self.steps_done, m.steps):
+                    if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds:
+                        if self.checkpointed_step != step:  # a later --resume with a larger budget goes on from here
+                            self.checkpoint(log, log_bin)
+                        self.stopped_by = "max_train_seconds"
+                        break
                     batch = self.train_data.batch(self.sampler.indices(step))
                     record = self.trainer.step(step, batch, m.lr_at(step) * self.lr_scale, self.monitor.loss_limit())
                     log.write(json.dumps(record.to_json()) + "\n")
@@ -168,11 +171,6 @@ class _Loop:
                         name = signal.Signals(self._signal).name
                         raise RunInterrupted(f"stopped by {name} after step {self.steps_done}; a checkpoint was "
                                              f"saved: continue it with `pocketzo train --resume {self.run_dir}`")
-                    if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds \
-                            and self.steps_done < m.steps:
-                        self.checkpoint(log, log_bin)  # a later --resume with a larger budget goes on from here
-                        self.stopped_by = "max_train_seconds"
-                        break
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)

@@ -3,6 +3,7 @@
     python benchmarks/accuracy_backprop.py --bundle bundles/smollm2-sentiment \
         --model ~/.cache/pocketzo/smollm2-135m-instruct --train TRAIN.jsonl --eval DEV.jsonl \
         --steps 1000 --seed 0 --json OUT.json
+    python benchmarks/accuracy_backprop.py ... --minutes 5,15 [--ood OOD.jsonl] --json OUT.json   # bench-value
 
 It trains exactly what pocketzo's zeroth-order trainer trains (the bundle's trainable tensors, by their
 Hugging Face names, starting from the bundle's ``trainable.safetensors``: a new encoder head starts
@@ -13,7 +14,9 @@ the eval set), so its test accuracy is the ceiling the ZO methods are compared a
 stays in eval mode (no dropout), as in the exported ONNX graph.
 
 One backprop step costs one forward plus one backward pass, so the curve's x-axis is optimizer steps,
-not ZO forward passes: compare runs at equal steps, or convert the axes explicitly.
+not ZO forward passes: compare runs at equal steps, or convert the axes explicitly. With ``--minutes`` the
+run is read instead at those minutes of training (the steps' own seconds), as ``benchmarks/value.py`` reads
+pocketzo's runs, and the result has ``stages`` in its format.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from pocketzo.export.heads import PromptClassifierLoss, SequenceClassifierLoss
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
+from pocketzo.zo_trainer.evaluate import label_auc, macro_f1
 from pocketzo.zo_trainer.run import BatchSampler
 
 
@@ -44,17 +48,21 @@ def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(head: torch.nn.Module, data: Dataset, batch_size: int = 32) -> tuple[float, float]:
-    """(accuracy, mean example loss) over ``data`` in length-sorted batches, as pocketzo evaluates."""
+def evaluate(head: torch.nn.Module, data: Dataset, n_labels: int, batch_size: int = 32) -> dict:
+    """Loss, accuracy, macro-F1, label AUC and predicted shares over ``data`` in length-sorted batches, from
+    ``candidate_loss`` with pocketzo's own metric functions, as ``pocketzo eval`` reports them."""
     order = np.argsort(data.lengths(), kind="stable")
     losses = np.empty(len(data), np.float64)
-    preds = np.empty(len(data), np.int64)
+    scores = np.empty((len(data), n_labels), np.float64)
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         _, example_loss, candidate_loss = head(*tensors(data.batch(idx)))
         losses[idx] = example_loss.numpy()
-        preds[idx] = candidate_loss.argmin(1).numpy()
-    return float(np.mean(preds == data.classes)), float(losses.mean())
+        scores[idx] = candidate_loss.numpy()
+    preds = scores.argmin(1)
+    return {"n": len(data), "loss": float(losses.mean()), "accuracy": float(np.mean(preds == data.classes)),
+            "macro_f1": macro_f1(data.classes, preds, n_labels), "auc": label_auc(scores, data.classes),
+            "predicted_shares": [float(x) for x in np.bincount(preds, minlength=n_labels) / len(data)]}
 
 
 def main() -> None:
@@ -64,7 +72,10 @@ def main() -> None:
     p.add_argument("--train", required=True)
     p.add_argument("--eval", required=True)
     p.add_argument("--eval-rows", type=int, default=0, help="use only the first N eval rows (0: all)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, default=0, help="train this many steps (or give --minutes)")
+    p.add_argument("--minutes", default="", help="comma-separated readings in minutes of training (the steps' "
+                   "seconds, evaluations excluded): evaluate at each, stop after the last")
+    p.add_argument("--ood", help="a second labelled file, also evaluated at each reading (out of domain)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -108,29 +119,53 @@ def main() -> None:
     n_trainable = sum(q.numel() for q in params.values())
 
     sampler = BatchSampler(len(train), args.batch_size, args.seed)
+    readings = sorted(60.0 * float(m) for m in args.minutes.split(",") if m.strip())
+    if not (args.steps or readings) or (args.steps and readings):
+        sys.exit("give --steps N or --minutes M[,M...]")
+    ood = encoder.dataset(args.ood) if args.ood else None
+    n_labels = len(bundle.task.labels)
     eval_at = {0, args.steps} | {int(s) for s in args.eval_at.split(",") if s.strip()}
-    curve, step_seconds = [], []
-    for step in range(args.steps + 1):
-        if step in eval_at:
-            accuracy, loss = evaluate(head, data)
-            curve.append({"step": step, "accuracy": accuracy, "loss": loss, "train_seconds": sum(step_seconds)})
-            print(f"step {step}/{args.steps}: accuracy {accuracy:.4f} eval loss {loss:.4f} "
+    curve, stages, step_seconds = [], [], []
+    step = 0
+    while True:
+        spent = sum(step_seconds)
+        if readings and (step == 0 or spent >= readings[len(stages)]):
+            if step == 0:
+                zero_shot = evaluate(head, data, n_labels)
+            else:  # a reading: where pocketzo's --max-train-seconds would stop
+                stages.append({"minutes": round(readings[len(stages)] / 60), "train_seconds": spent, "steps": step,
+                               "eval": evaluate(head, data, n_labels),
+                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "step_seconds_median": statistics.median(step_seconds),
+                               **({"ood": evaluate(head, ood, n_labels)} if ood else {})})
+                print(f"{stages[-1]['minutes']} min, step {step}: accuracy {stages[-1]['eval']['accuracy']:.4f}",
+                      file=sys.stderr, flush=True)
+                if len(stages) == len(readings):
+                    break
+        if not readings and step in eval_at:
+            e = evaluate(head, data, n_labels)
+            curve.append({"step": step, **e, "train_seconds": sum(step_seconds)})
+            print(f"step {step}/{args.steps}: accuracy {e['accuracy']:.4f} eval loss {e['loss']:.4f} "
                   f"({len(data)} rows, {time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
-        if step == args.steps:
-            break
+            if step == args.steps:
+                break
         t0 = time.perf_counter()
         loss, _, _ = head(*tensors(train.batch(sampler.indices(step))))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t0)
+        step += 1
 
-    out = {"method": "backprop-adamw", "seed": args.seed, "lr": args.lr, "steps": args.steps,
-           "batch_size": args.batch_size, "trainable_parameters": n_trainable, "curve": curve,
-           "final_accuracy": curve[-1]["accuracy"],
+    out = {"method": "backprop-adamw", "seed": args.seed, "lr": args.lr, "steps": step,
+           "batch_size": args.batch_size, "trainable_parameters": n_trainable,
            "step_seconds_median": statistics.median(step_seconds) if step_seconds else None,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "wall_seconds": time.perf_counter() - started}
+    if readings:
+        out |= {"zero_shot": zero_shot, "stages": stages}
+    else:
+        out |= {"curve": curve, "final_accuracy": curve[-1]["accuracy"]}
     path = Path(args.json)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
 METRICS = {"rt": ("accuracy", "auc"), "tweets": ("macro_f1", "accuracy", "auc"), "hamlet": ("perplexity",)}
 PERCENT = {"accuracy", "macro_f1"}  # shown in %; AUC and perplexity as they are
 READINGS = (5, 15, 60)
 SECONDARY = (5, 15)  # the readings of the other metrics
+# each task's score for ranking recipes, higher is better
+SCORE = {"rt": lambda e: e["accuracy"], "tweets": lambda e: e["macro_f1"], "hamlet": lambda e: -e["perplexity"]}
 
 
 def _load(results: Path) -> dict[str, list[dict]]:
@@ -20,6 +23,29 @@ def _load(results: Path) -> dict[str, list[dict]]:
         r = json.loads(path.read_text(encoding="utf-8"))
         out.setdefault(r["row"], []).append(r)
     return {row: sorted(runs, key=lambda r: r["seed"]) for row, runs in out.items()}
+
+
+def mean_ranks(results: list[dict], recipes: tuple[str, ...]) -> tuple[dict[str, float], list[str]]:
+    """Each recipe's rank (1 = best, ties averaged) on each task, averaged over the tasks where every one of
+    ``recipes`` has a reading, at the latest reading they all have (the mean over the seeds run); and those tasks."""
+    scores: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in results:
+        recipe = r["row"][len(r["task"]) + 1:]
+        for stage in r.get("stages", []):
+            scores[(r["task"], recipe, stage["minutes"])].append(SCORE[r["task"]](stage["eval"]))
+    ranks: dict[str, list[float]] = defaultdict(list)
+    tasks = []
+    for task in sorted({t for t, _, _ in scores}):
+        shared = [m for m in sorted({m for t, _, m in scores if t == task})
+                  if all((task, recipe, m) in scores for recipe in recipes)]
+        if not shared:
+            continue
+        tasks.append(task)
+        mean = {recipe: sum(v) / len(v) for recipe in recipes for v in [scores[(task, recipe, shared[-1])]]}
+        for recipe in recipes:
+            ranks[recipe].append(1 + sum(mean[o] > mean[recipe] for o in recipes)
+                                 + 0.5 * sum(mean[o] == mean[recipe] for o in recipes if o != recipe))
+    return {recipe: sum(v) / len(v) for recipe, v in ranks.items()}, tasks
 
 
 def _stat(values: list[float], percent: bool = True) -> str:
@@ -113,6 +139,55 @@ def _samples(runs: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def _curves(task: str, rows: dict, runs: dict[str, list[dict]], path: Path) -> bool:
+    """The task's figure: its first metric against training minutes, per trained row (the mean over seeds at
+    each reading every seed has, from the zero-shot point at 0), the untrained rows as lines."""
+    from pocketzo.plots import curves_figure  # noqa: PLC0415 (matplotlib, loaded only to draw)
+
+    metric = METRICS[task][0]
+    scale = 100 if metric in PERCENT else 1
+    curves, levels = {}, {}
+    for name, row in rows.items():
+        got = runs.get(name, [])
+        if row.task != task or not got:
+            continue
+        label = name[len(task) + 1:]
+        if not row.trains:
+            levels[label] = scale * statistics.mean(r["eval"][metric] for r in got)
+            continue
+        points = [(0.0, scale * statistics.mean(r["zero_shot"][metric] for r in got))]
+        for t in row.minutes:
+            at = [s["eval"][metric] for r in got if (s := _stage(r, t))]
+            if len(at) == len(got):
+                points.append((float(t), scale * statistics.mean(at)))
+        if len(points) > 1:
+            curves[label] = points
+    if not curves:
+        return False
+    unit = " (%)" if scale == 100 else ""
+    curves_figure(curves, levels, path, f"{task}: {metric} against training time (mean over seeds)",
+                  metric.replace("_", "-") + unit)
+    return True
+
+
+def _defaults(runs: dict[str, list[dict]]) -> list[str]:
+    """How `pocketzo train` chooses its recipe, from these results: each candidate's mean rank."""
+    from pocketzo.zo_trainer.recipes import CANDIDATES, DEFAULTS  # noqa: PLC0415
+
+    results = [r for rs in runs.values() for r in rs]
+    what = {"none": "no gradient graph", "top": "`--gradient-layers K`", "all": "`--gradients`"}
+    lines = ["A new `pocketzo train` run that names no `--recipe` takes, among the recipes its bundle can run "
+             "without a hand-set lr, the one with the best mean rank over the tasks below (each task at the latest "
+             "reading all of them have, the mean over the seeds run). `tests/test_recipes.py` fails when these "
+             "results rank another recipe first.", "",
+             "| bundle | mean rank (1 = best) | tasks compared | default |", "|---|---|---|---|"]
+    for graph, names in CANDIDATES.items():
+        ranks, tasks = mean_ranks(results, names)
+        shown = ", ".join(f"{n} {ranks[n]:.2f}" for n in names) if tasks else "not measured yet"
+        lines.append(f"| {what[graph]} | {shown} | {', '.join(tasks) or '–'} | {DEFAULTS[graph]} |")
+    return lines
+
+
 def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
     runs = _load(results)
     dates = sorted(r["date"][:10] for rs in runs.values() for r in rs)
@@ -133,11 +208,17 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
     ]
     for task in tasks:
         out += [f"## {task}", "", *_task_table(task, rows, runs), ""]
+        figure = report.parent / "img" / f"value-{task}.png"
+        figure.parent.mkdir(exist_ok=True)
+        if _curves(task, rows, runs, figure):
+            out += [f"![{task}: score against training minutes](img/{figure.name})", ""]
+    out += ["## Defaults", "", *_defaults(runs), ""]
     samples = _samples(runs)
     if samples:
         out += ["## Hamlet samples (greedy)", "", *samples]
     out += ["## Reproduce", "", "    make bench-value          # the grid; resumable, skips the runs done",
-            "    make bench-value-quick    # rt: zero-shot rows, zo-sgd and best, seed 0, 5 minutes each", "",
+            "    make bench-value-quick    # rt: zero-shot rows, zo-sgd and the default (fo-adamw), seed 0, 5 minutes "
+            "each", "",
             "Commands of the runs:", ""]
     for name, rs in runs.items():
         for r in rs:

@@ -1,7 +1,7 @@
 """``make bench-value``: what a fine-tune gains per minute of compute, method by method, task by task.
 
     python benchmarks/value.py [--seeds 0,1,2] [--only rt-best,...] [--rerun] [--report-only]
-    python benchmarks/value.py --quick     # rt: the zero-shot rows, zo-sgd and best at seed 0, 5 minutes each
+    python benchmarks/value.py --quick     # rt: the zero-shot rows, zo-sgd and the default at seed 0, 5 minutes each
     python benchmarks/value.py --minutes 5 --only rt-fzoo   # the readings up to 5 minutes (resumed later)
 
 Each training run is one ``pocketzo train`` process with 2 threads, one run at a time, on an otherwise idle
@@ -22,8 +22,10 @@ Tasks (data from ``pocketzo assets``), SmolLM2-135M-Instruct:
 Rows without training: ``zero-shot`` (the bundle's own weights) and, for classification,
 ``zero-shot-calibrated`` (``pocketzo eval --calibrate``: the label prior fitted on 64 training rows, the free
 baseline a fine-tune must beat). The fo and hybrid rows train the same weights with exact gradients from the
-bundle's gradient graph. A forward-equivalent (FE) is one forward of the task's loss graph at its batch: the
-median forward time of its ZO-SGD run (each of its steps is two forwards).
+bundle's gradient graph; ``pytorch-adamw`` (classification) is the ceiling, PyTorch backprop of the same
+tensors on the same batches, read at the same training minutes in one process. A forward-equivalent (FE) is
+one forward of the task's loss graph at its batch: the median forward time of its ZO-SGD run (each of its
+steps is two forwards).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import grid
 import personal_text
 
 from pocketzo._io import atomic_open
+from pocketzo.zo_trainer.recipes import DEFAULTS
 
 RESULTS = grid.ROOT / "benchmarks" / "value"
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
@@ -79,6 +82,7 @@ class Row:
     flags: tuple[str, ...]  # pocketzo train flags; () for the rows without training
     minutes: tuple[int, ...] = (5, 15)  # the readings (training minutes)
     hybrid: bool = False  # on the task's bundle exported with HYBRID
+    pytorch: bool = False  # the ceiling: PyTorch AdamW of the same tensors (benchmarks/accuracy_backprop.py)
 
     @property
     def trains(self) -> bool:
@@ -104,6 +108,8 @@ def _rows() -> dict[str, Row]:
                 ("--recipe", "fo-adamw", *CONSTANT)),
         ]
         if t.classify:
+            rows.append(Row(f"{t.name}-pytorch-adamw", t.name, "the ceiling: PyTorch backprop, AdamW lr 1e-3, of the "
+                            "same tensors on the same batches (benchmark only)", ("--lr", "1e-3"), pytorch=True))
             rows.append(Row(f"{t.name}-hybrid-adamw", t.name, "exact gradients for the last 8 layers, one-sided ZO "
                             "below, AdamW lr 1e-3 (`--recipe hybrid-adamw`)", ("--recipe", "hybrid-adamw", *CONSTANT),
                             hybrid=True))
@@ -111,7 +117,8 @@ def _rows() -> dict[str, Row]:
 
 
 ROWS = _rows()
-QUICK = ("rt-zero-shot", "rt-zero-shot-calibrated", "rt-zo-sgd", "rt-best")
+# the baseline and the recipe `pocketzo train` chooses for the rt bundle (it has a gradient graph)
+QUICK = ("rt-zero-shot", "rt-zero-shot-calibrated", "rt-zo-sgd", f"rt-{DEFAULTS['all']}")
 
 
 def bundle_of(row: Row) -> str:
@@ -225,9 +232,26 @@ def _shown(cmd: list[str], run: Path) -> str:
                                 .replace(str(grid.ROOT) + "/", "") for c in cmd)
 
 
+def run_pytorch(row: Row, seed: int) -> None:
+    """The ceiling row: one process that trains to every reading (not resumable: a stopped run starts again)."""
+    files = ensure_inputs(row)
+    task = TASKS[row.task]
+    out = WORK / "runs" / f"{row.name}-s{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["benchmarks/accuracy_backprop.py", "--bundle", bundle_of(row), "--model", str(grid.model_dir()),
+           "--train", str(files["train"]), "--eval", str(files["test"]), "--batch-size", str(task.batch_size),
+           "--minutes", ",".join(map(str, row.minutes)), "--seed", str(seed), "--threads", str(grid.THREADS),
+           *row.flags, *(["--ood", str(files["ood"])] if "ood" in files else []), "--json", str(out)]
+    subprocess.run([sys.executable, *cmd], cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
+    result = json.loads(out.read_text(encoding="utf-8"))
+    grid.save(RESULTS, row.name, seed, {"task": row.task, "command": _shown(cmd, out),
+                                        "zero_shot": result["zero_shot"], "stages": result["stages"]})
+    print(f"{row.name} seed {seed}: {_headline(result['stages'][-1]['eval'])}", flush=True)
+
+
 def run_one(name: str, seed: int) -> None:
     row = ROWS[name]
-    (run_trained if row.trains else run_untrained)(row, seed)
+    (run_pytorch if row.pytorch else run_trained if row.trains else run_untrained)(row, seed)
 
 
 def is_done(name: str, seed: int) -> bool:

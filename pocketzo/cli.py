@@ -159,15 +159,15 @@ def _given(cls: type, args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pocketzo.zo_trainer import DEFAULT_RECIPE, RECIPES, Method, RunPolicy, resume, train
+    from pocketzo.zo_trainer import RECIPES, Method, RunPolicy, resume, train
 
-    # a new run starts from a recipe; a resumed one compares only what is on the command line
-    recipe = getattr(args, "recipe", None if args.resume else DEFAULT_RECIPE)
-    method_given = {**(RECIPES[recipe] if recipe else {}), **_given(Method, args)}
+    method_given = _given(Method, args)
     policy_given = {**_given(RunPolicy, args), "progress": not args.quiet}
-    if args.resume:
+    if args.resume:  # a resumed run compares only what is on the command line (a recipe's settings too)
         if args.out and Path(args.out) != Path(args.resume):
             raise PocketzoError("--out and --resume name different run directories; give one of them")
+        if hasattr(args, "recipe"):
+            method_given = {**RECIPES[args.recipe], **method_given}
         try:
             summary = resume(args.resume, policy_given, method_given, bundle_path=args.bundle, train_path=args.data)
         except ValueError as e:  # a policy flag's own validation
@@ -178,6 +178,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise PocketzoError(f"a new run needs {', '.join(missing)} (or --resume RUN to continue one)")
         if "steps" not in method_given:
             raise PocketzoError("a new run needs --steps N")
+        # a new run starts from a recipe: the one named, or the one chosen for the bundle
+        recipe = args.recipe if hasattr(args, "recipe") else _chosen_recipe(args)
+        method_given = {**RECIPES[recipe], **method_given}
         method = _dataclass_from_args(Method, argparse.Namespace(**method_given))
         policy = _dataclass_from_args(RunPolicy, argparse.Namespace(**policy_given))
         summary = train(args.bundle, args.data, args.out, method, policy, eval_path=args.eval,
@@ -186,6 +189,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             "peak_rss_mb", "weights")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
+
+
+def _chosen_recipe(args: argparse.Namespace) -> str:
+    """The recipe for a new run that names none: from the bundle's gradient graph (or --method), said on stderr."""
+    from pocketzo.runtime import Bundle
+    from pocketzo.zo_trainer import choose_recipe, gradient_graph
+
+    choice = choose_recipe(gradient_graph(Bundle(args.bundle).manifest), getattr(args, "method", None))
+    settings = ", ".join(f"{k} {v}" for k, v in choice.settings.items()) or "ZO-SGD"
+    print(f"[train] recipe {choice.recipe} ({settings}): {choice.reason}; --recipe NAME overrides",
+          file=sys.stderr)
+    return choice.recipe
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -262,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketzo.mobile_harness.bench import BenchConfig
     from pocketzo.mobile_harness.memory import PROFILES
     from pocketzo.runtime.session import SessionConfig
-    from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES, Method, RunPolicy
+    from pocketzo.zo_trainer.method import Method, RunPolicy
+    from pocketzo.zo_trainer.recipes import DEFAULTS, RECIPES
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -340,9 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (a new run)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its newest valid checkpoint")
     t.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
-                   help="the method the flags below start from: best = the best measured on a real task "
-                   "(docs/accuracy.md: " + ", ".join(f"{k} {v}" for k, v in RECIPES[DEFAULT_RECIPE].items()) +
-                   f"); zo-sgd = plain MeZO (default {DEFAULT_RECIPE})")
+                   help="the method and step size the flags below start from (zo-sgd = plain MeZO, whose lr "
+                   "depends on the trainable set). Default: chosen from the bundle by docs/value.md: "
+                   f"{DEFAULTS['all']} with a gradient graph of every trainable tensor, {DEFAULTS['top']} with one "
+                   f"of the top layers, else {DEFAULTS['none']}; with --method, that method's recipe")
     _add_dataclass_flags(t, Method, _HIDDEN_METHOD_FIELDS, TRAIN_HELP, from_recipe={k for r in RECIPES.values()
                                                                                     for k in r}, only_given=True)
     _add_dataclass_flags(t, RunPolicy, {"progress"}, POLICY_HELP, only_given=True)

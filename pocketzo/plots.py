@@ -73,3 +73,26 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def curves_figure(curves: dict[str, list[tuple[float, float]]], levels: dict[str, float], path: str | Path,
+                  title: str, ylabel: str) -> Path:
+    """A score against training minutes per method (``curves``: name -> [(minutes, score)], the mean over
+    seeds), with the untrained rows as horizontal lines (``levels``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, points) in enumerate(curves.items()):
+        x, y = zip(*sorted(points), strict=True)
+        ax.plot(x, y, marker="o", ms=4, color=plt.cm.tab10(i % 10), label=name)
+    for j, (name, value) in enumerate(levels.items()):
+        ax.axhline(value, color="#888", lw=1, ls=("--", ":", "-.")[j % 3], label=name)
+    ax.set_xlabel("training minutes (this machine, 2 threads)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

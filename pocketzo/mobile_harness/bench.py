@@ -44,8 +44,8 @@ from pocketzo.mobile_harness.memory import (
     rss_mb,
 )
 from pocketzo.runtime.bundle import Bundle
-from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES
 from pocketzo.zo_trainer.noise import Distribution
+from pocketzo.zo_trainer.recipes import RECIPES, ZO_DEFAULT
 
 BENCH_VERSION = 3  # 3: split bundles (trunk_s, head_s), step_forward_equivalents; 2: the step of a recipe
 
@@ -59,7 +59,7 @@ class BenchConfig:
     threads: int = 0  # 0: one per core (or the profile's big cores)
     steps: int = 5  # timed forward passes and ZO steps, each (median and p90 reported)
     warmup: int = 2
-    recipe: str = DEFAULT_RECIPE  # the training method whose step is timed (pocketzo train --recipe)
+    recipe: str = ZO_DEFAULT  # the training method whose step is timed (pocketzo train --recipe)
     perturbation: Distribution = "rademacher"
     cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
     split: bool = True  # train on a split bundle's trunk and head (false: on its whole loss graph)

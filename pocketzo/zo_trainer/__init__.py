@@ -6,25 +6,28 @@ weights; ``trainer`` runs the step, ``replay`` reruns it from the log, ``run`` i
 """
 
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
-from pocketzo.zo_trainer.method import DEFAULT_RECIPE, RECIPES, Method, RunPolicy
+from pocketzo.zo_trainer.method import Method, RunPolicy
 from pocketzo.zo_trainer.noise import Perturber
+from pocketzo.zo_trainer.recipes import RECIPES, RecipeChoice, choose_recipe, gradient_graph
 from pocketzo.zo_trainer.replay import replay, replay_run
 from pocketzo.zo_trainer.run import BatchSampler, resume, train
 from pocketzo.zo_trainer.steplog import read_log
 from pocketzo.zo_trainer.trainer import DirectionRecord, StepRecord, Trainer, make_trainer
 
 __all__ = [
-    "DEFAULT_RECIPE",
     "RECIPES",
     "BatchSampler",
     "DirectionRecord",
     "EvalResult",
     "Method",
     "Perturber",
+    "RecipeChoice",
     "RunPolicy",
     "StepRecord",
     "Trainer",
+    "choose_recipe",
     "evaluate",
+    "gradient_graph",
     "make_trainer",
     "read_log",
     "replay",

@@ -20,20 +20,6 @@ Order = Literal["zo", "fo", "hybrid"]
 Optimizer = Literal["sgd", "adamw"]
 METHOD_VERSION = 3  # 3: Method and RunPolicy split, one record per step; 2: Box-Muller Gaussian noise
 
-# What `pocketzo train --recipe` starts from before its explicit flags; "best" is the default: the highest
-# mean final accuracy over 3 seeds in docs/accuracy.md (SmolLM2, 200 forwards: 80.5 % vs ZO-SGD's 79.6 %),
-# a scalar second moment with lr as the step per weight. Method's own defaults stay plain ZO-SGD.
-RECIPES: dict[str, dict[str, Any]] = {
-    "best": {"adaptive": True, "lr": 1e-3},
-    # FZOO (Dang et al., 2025): q one-sided Rademacher directions sharing L(theta), the step divided by the spread
-    # of the q losses; its 8 directions, lr as the step per weight, as in "best"
-    "fzoo": {"estimator": "one-sided", "directions": 8, "normalize": True, "lr": 1e-3},
-    "zo-sgd": {},  # MeZO's ZO-SGD: one two-sided direction, plain update
-    "fo-adamw": {"method": "fo", "optimizer": "adamw", "lr": 1e-3},  # exact gradients (export --gradients)
-    # exact gradients for the top layers (export --gradient-layers K), one-sided ZO for the tensors below
-    "hybrid-adamw": {"method": "hybrid", "optimizer": "adamw", "lr": 1e-3, "estimator": "one-sided"},
-}
-DEFAULT_RECIPE = "best"
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:

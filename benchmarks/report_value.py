@@ -124,13 +124,13 @@ def _extra_cells(task: str, readings: list[dict]) -> list[str]:
 
 
 def _samples(runs: dict[str, list[dict]]) -> list[str]:
-    """The hamlet rows' greedy samples (seed 0; trained rows after 15 minutes)."""
+    """The hamlet rows' greedy samples (seed 0; trained rows at their latest reading)."""
     out = []
     for name, rs in runs.items():
         r = next((r for r in rs if r["seed"] == 0 and r.get("task") == "hamlet"), None)
-        source = r and (_stage(r, 15) if "stages" in r else r)
+        source = r and (r["stages"][-1] if r.get("stages") else r)
         if source and source.get("samples"):
-            out += [f"**{name}**" + (" (after 15 minutes)" if "stages" in r else ""), ""]
+            out += [f"**{name}**" + (f" (after {source['minutes']} minutes)" if "stages" in r else ""), ""]
             out += ["    " + line for sample in source["samples"] for line in (*sample.splitlines(), "")]
     reference = next((r.get("reference_speaker_line_share") for rs in runs.values() for r in rs
                       if r.get("reference_speaker_line_share") is not None), None)

@@ -99,7 +99,7 @@ def _rows() -> dict[str, Row]:
         rows += [
             Row(f"{t.name}-zo-sgd", t.name, f"ZO-SGD (MeZO), lr {t.zo_lr}, eps 1e-3: the baseline",
                 ("--recipe", "zo-sgd", "--lr", t.zo_lr, "--eps", "1e-3", *CONSTANT), (5, 15, 60)),
-            Row(f"{t.name}-best", t.name, "`--recipe best` (the default: adaptive step, lr 1e-3), eps 1e-3",
+            Row(f"{t.name}-best", t.name, "`--recipe best` (the ZO default: adaptive step, lr 1e-3), eps 1e-3",
                 ("--recipe", "best", "--eps", "1e-3", *CONSTANT)),
             Row(f"{t.name}-fzoo", t.name, "`--recipe fzoo`: 8 one-sided directions sharing L(theta), the step divided "
                 "by the spread of their losses (FZOO), lr 1e-3, eps 1e-3", ("--recipe", "fzoo", "--eps", "1e-3",

@@ -129,17 +129,22 @@ def private_umask():
     os.umask(old)
 
 
-def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch, sentiment_files, private_umask):
-    """Above the size threshold, frozen weights go to model.onnx.data and still load (threshold lowered here).
-    The manifest names that file, for clients that fetch a bundle file by file."""
-    from pocketzo.export import ExportConfig, export_bundle, exporter
+def test_weights_are_external_data_the_manifest_names(tiny_models, tmp_path, sentiment_files, private_umask):
+    """The frozen weights go to model.onnx.data, which ONNX Runtime memory-maps, and the graph file keeps only the
+    graph; the manifest names the data file, for clients that fetch a bundle file by file."""
+    import onnx
 
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    from pocketzo.export import ExportConfig, export_bundle
+    from pocketzo.export.tracing import WEIGHT_MIN_BYTES, tensor_bytes
+
     manifest = export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
         task="classify", template="review : {text} sentiment :", labels=LABELS, trainable=r"norm\.weight$",
         max_length=32))
-    assert manifest.export["external_data"] and (tmp_path / "b" / "model.onnx.data").stat().st_size > 10_000
-    assert manifest.export["parity"]["abs_error"] <= 1e-4
+    graph = onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph
+    weights = [t for t in graph.initializer if tensor_bytes(t) >= WEIGHT_MIN_BYTES]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert (tmp_path / "b" / "model.onnx.data").stat().st_size >= sum(tensor_bytes(t) for t in weights)
+    assert manifest.export["external_data"] and manifest.export["parity"]["abs_error"] <= 1e-4
     assert manifest.files["model_data"] == "model.onnx.data" and manifest.files["model"] == "model.onnx"
     _assert_portable(tmp_path / "b")
 

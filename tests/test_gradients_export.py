@@ -14,6 +14,7 @@ from pocketzo.errors import BundleError, ExportError
 from pocketzo.export import ExportConfig, export_bundle, gradients
 from pocketzo.export.gradient_parity import TOLERANCE, check_gradients
 from pocketzo.export.loading import load_model
+from pocketzo.export.tracing import WEIGHT_MIN_BYTES, tensor_bytes
 from pocketzo.runtime import Bundle
 from pocketzo.runtime.manifest import Manifest
 
@@ -29,6 +30,26 @@ def _graphs(path):
 def _signature(values):
     return [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
             for v in values]
+
+
+def _where(tensor: onnx.TensorProto) -> dict[str, str] | None:
+    """A tensor's external-data reference (file, offset, length); None if it is stored inside the graph."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+@pytest.mark.parametrize("name", ["llama-norms-grad", "opt-lora-causal-grad", "bert-bitfit-grad"])
+def test_the_gradient_graph_reads_the_loss_graphs_weights_file(name, bundles):
+    """gradients.onnx holds no second copy of the frozen weights: each is a reference to the very bytes of
+    model.onnx.data the loss graph reads, so both sessions of an FO run map one file."""
+    path = bundles(name)
+    loss = {t.name: _where(t) for t in onnx.load(path / "model.onnx", load_external_data=False).graph.initializer}
+    weights = [t for t in onnx.load(path / "gradients.onnx", load_external_data=False).graph.initializer
+               if tensor_bytes(t) >= WEIGHT_MIN_BYTES]
+    assert weights and all(_where(t) is not None and _where(t) == loss.get(t.name) for t in weights)
+    assert {_where(t)["location"] for t in weights} == {"model.onnx.data"}
+    assert not (path / "gradients.onnx.data").exists()
 
 
 @pytest.mark.parametrize("name", KINDS)

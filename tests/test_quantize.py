@@ -14,7 +14,6 @@ from conftest import WORDS
 
 from pocketzo.errors import ExportError
 from pocketzo.export import ExportConfig, export_bundle
-from pocketzo.export import quantize as quantize_module
 from pocketzo.export.config import QuantRecipe
 from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import Bundle, TrainingSession
@@ -152,17 +151,18 @@ def test_tied_embedding_keeps_its_fp32_table_for_the_gather(frozen_bundles, tmp_
     assert any(n.op_type == "Gather" and "model.embed_tokens.weight" in n.input for n in graph.node)
 
 
-@pytest.mark.parametrize("single_file_max", [quantize_module.SINGLE_FILE_MAX_BYTES, 0])
-def test_external_data_is_read_and_written(single_file_max, frozen_bundles, tiny_models, tmp_path, monkeypatch):
-    """A bundle with model.onnx.data is read whole; the result is one file unless it is large (limit lowered)."""
+def test_a_single_file_graph_is_read_and_its_weights_written_as_external_data(frozen_bundles, tiny_models, tmp_path):
+    """A graph with its weights inside (bundles exported before model.onnx.data was always written) is read
+    whole; the quantized graph's weights go to model.onnx.data like every graph pocketzo writes."""
     src = frozen_bundles("llama")
     dst = _copy(src, tmp_path / "q")
     model = onnx.load(str(dst / "model.onnx"))
-    onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
-    monkeypatch.setattr(quantize_module, "SINGLE_FILE_MAX_BYTES", single_file_max)
+    (dst / "model.onnx.data").unlink()
+    onnx.save_model(model, str(dst / "model.onnx"))
     stats = _quantize(dst / "model.onnx", "int8")
-    assert (dst / "model.onnx.data").is_file() == (single_file_max == 0)
+    graph = onnx.load(str(dst / "model.onnx"), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    assert (dst / "model.onnx.data").is_file()
     assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temp leftovers
     assert stats["quantized"] == _linear_weights(tiny_models["llama"])
     assert abs(_loss(dst) - _loss(src)) <= RELATIVE_TOLERANCE * _loss(src)

@@ -42,9 +42,8 @@ from pocketzo.runtime.manifest import (
     layout,
 )
 
-EXTERNAL_DATA_BYTES = 1 << 30  # frozen weights go to model.onnx.data above this
 ORT_FORMAT_MAX_BYTES = 2_000_000_000  # a flatbuffer (the .ort file) cannot exceed 2 GB
-MODEL, EXTERNAL_DATA, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["model_data"], FILE_NAMES["trainable"]
+MODEL, TRAINABLE = FILE_NAMES["model"], FILE_NAMES["trainable"]
 ORT_MODEL, BASE_CONFIG = FILE_NAMES["ort_model"], FILE_NAMES["base_config"]
 GRADIENT_ORT_MODEL = FILE_NAMES["gradient_ort_model"]
 TRUNK_ORT_MODEL, HEAD_ORT_MODEL = FILE_NAMES["trunk_ort_model"], FILE_NAMES["head_ort_model"]
@@ -151,14 +150,10 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         params = parameters(wrapper)
         specs, buffer_elements = layout([(n, tuple(params[n].shape), params[n].dim() >= 2) for n in lifted])
         frozen_bytes = sum(tensor_bytes(i) for i in proto.graph.initializer)
-        external = frozen_bytes > EXTERNAL_DATA_BYTES
-        if config.gradients and external:
-            raise ExportError(f"--gradients: {frozen_bytes / 2**30:.1f} GiB of frozen weights need external data, "
-                              "which the gradient graph does not support yet")
         if config.ort and frozen_bytes > ORT_FORMAT_MAX_BYTES:
             raise ExportError(f"--ort: the ORT format holds at most 2 GB of weights in one file and this graph "
                               f"has {frozen_bytes / 1e9:.1f} GB; export without --ort (the runtime loads .onnx too)")
-        save_graph(proto, tmp / MODEL, EXTERNAL_DATA_BYTES)
+        save_graph(proto, tmp / MODEL)
         _safetensors.save(tmp / TRAINABLE,
                           {s.name: params[s.name].detach().float().numpy() for s in specs},
                           {"format": "pt", "producer": "pocketzo"})
@@ -179,7 +174,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
             base_config_file=BASE_CONFIG, slots=config.slots, adapter=adapter,
             export={"config": asdict(config), "pocketzo": __version__, "torch": torch.__version__,
                     "onnx_opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                    "external_data": external},
+                    "external_data": True},
         )
         manifest = _write_manifest(tmp, manifest)
         _say("checking parity: ONNX Runtime vs PyTorch, at the initial and at random adapter values")
@@ -217,8 +212,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
             manifest = _write_manifest(tmp, manifest)
             error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
             manifest = Manifest(**{**manifest.__dict__, "export": {
-                **manifest.export, "external_data": (tmp / EXTERNAL_DATA).is_file(),
-                "quantized": {**stats, "parity": error}}})
+                **manifest.export, "quantized": {**stats, "parity": error}}})
             if manifest.split:
                 manifest = _check_split(tmp, manifest, reference, sample, QUANTIZED_TOLERANCE, error,
                                         "split_parity_quantized")
@@ -254,8 +248,7 @@ def _add_split(tmp: Path, manifest: Manifest, wrapper: torch.nn.Module, sample: 
     n_layers = len(getattr(owner, attr))
     layer = split.split_layer(trainable, n_layers, config.split_layer)
     _say(f"splitting at layer {layer} of {n_layers}: tracing the frozen trunk and the trainable head")
-    spec = split.export_split(tmp, wrapper, sample, trainable, layer, n_layers, config.slots, label_axes,
-                              EXTERNAL_DATA_BYTES)
+    spec = split.export_split(tmp, wrapper, sample, trainable, layer, n_layers, config.slots, label_axes)
     manifest = _write_manifest(tmp, replace(manifest, split=spec))
     return _check_split(tmp, manifest, reference, sample, config.parity_tolerance, whole, "split_parity")
 

@@ -48,7 +48,7 @@ from pocketzo.export.gradient_parity import (
     named,
     requires_grad,
 )
-from pocketzo.export.tracing import canonical_names, lift_trainable
+from pocketzo.export.tracing import canonical_names, lift_trainable, save_graph
 from pocketzo.runtime.manifest import FILE_NAMES
 from pocketzo.runtime.manifest import GRADIENT_SWITCH as SWITCH
 
@@ -247,7 +247,7 @@ def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainabl
     _match_inputs(proto.graph, onnx.load(bundle_dir / FILE_NAMES["model"], load_external_data=False).graph)
     _gate_backward(proto.graph, head.outputs)
     default_domain_only(proto)
-    onnx.save_model(proto, str(bundle_dir / GRADIENT_MODEL))
+    save_graph(proto, bundle_dir / GRADIENT_MODEL, shared=bundle_dir / FILE_NAMES["model"])
     del proto
     _say("checking the gradients: ONNX Runtime vs PyTorch autograd")
     return check_gradients(bundle_dir / GRADIENT_MODEL, head, sample, exact, random_values, tolerance,

@@ -37,7 +37,6 @@ from pocketzo.errors import ExportError
 from pocketzo.export.config import QuantRecipe
 from pocketzo.export.tracing import save_graph, tensor_bytes
 
-SINGLE_FILE_MAX_BYTES = 2_000_000_000  # a protobuf file cannot exceed 2 GiB; leave room for the graph
 QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
 
 
@@ -275,20 +274,20 @@ def _file_bytes(path: Path) -> int:
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
-    """Save next to ``path`` and rename over it: one file below 2 GB, else ``<name>.data`` (``model.onnx.data``).
+    """Save next to ``path`` (weights in ``<name>.data``, as every graph of a bundle) and rename over it.
 
-    External data is renamed into place just before the graph that reads it: the one
-    moment the pair is inconsistent is between two renames.
+    The external data is renamed into place just before the graph that reads it: the one moment the pair
+    is inconsistent is between two renames.
     """
-    stale = path.parent / _external_data(path)
+    data = path.parent / _external_data(path)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        external = save_graph(model, staged, SINGLE_FILE_MAX_BYTES)
-        if external:
-            os.replace(Path(tmp) / stale.name, stale)
+        save_graph(model, staged)
+        if (Path(tmp) / data.name).is_file():
+            os.replace(Path(tmp) / data.name, data)
+        elif data.is_file():  # no initializer large enough for external data
+            data.unlink()
         os.replace(staged, path)
-    if not external and stale.is_file():
-        stale.unlink()
 
 
 def _not_preprocess_advice(record: logging.LogRecord) -> bool:

@@ -125,11 +125,12 @@ def _cut(wrapper: nn.Module, layer: int, part: str) -> Iterator[None]:
 
 
 def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tensor, ...], trainable: list[str],
-                 layer: int, n_layers: int, slots: int, label_axes: dict, external_bytes: int) -> SplitSpec:
+                 layer: int, n_layers: int, slots: int, label_axes: dict) -> SplitSpec:
     """Write trunk.onnx and head.onnx for ``wrapper`` split at ``layer``; return the manifest's description.
 
-    ``label_axes``: the labels' dynamic axes of the loss graph; weights above ``external_bytes`` go to
-    external data (``trunk.onnx.data``, ``head.onnx.data``)."""
+    ``label_axes``: the labels' dynamic axes of the loss graph. Their weights are in ``trunk.onnx.data`` and
+    ``head.onnx.data``, not shared with model.onnx.data: quantizing rewrites that file after the split is
+    written."""
     names = canonical_names(wrapper)
     ids, mask, labels = sample
     rows, seq = torch.export.Dim("rows"), torch.export.Dim("seq")
@@ -144,7 +145,7 @@ def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tenso
     if used:  # e.g. a tied embedding / LM head trained: it is used below the split too
         raise ExportError(f"--split {layer}: the trainable tensor {used[0]} is used below the split (in the trunk); "
                           "freeze it (--freeze) or export without --split")
-    save_graph(proto, bundle_dir / TRUNK, external_bytes)
+    save_graph(proto, bundle_dir / TRUNK)
     del proto
     with _cut(wrapper, layer, "head"):
         proto = trace_onnx(wrapper, (hidden, mask, labels), [HIDDEN, "attention_mask", "labels"],
@@ -154,7 +155,7 @@ def export_split(bundle_dir: Path, wrapper: nn.Module, sample: tuple[torch.Tenso
     if lifted != list(trainable):
         missing = sorted(set(trainable) - set(lifted))
         raise ExportError(f"--split {layer}: the head graph does not use the trainable tensor {missing[0]}")
-    save_graph(proto, bundle_dir / HEAD, external_bytes)
+    save_graph(proto, bundle_dir / HEAD)
     return SplitSpec(layer, n_layers, ValueSpec(HIDDEN, "float32", ("batch", "seq", int(hidden.shape[-1]))),
                      TRUNK, HEAD)
 

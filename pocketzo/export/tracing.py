@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from pocketzo.errors import ExportError
@@ -27,13 +28,44 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
 
 
-def save_graph(proto: onnx.ModelProto, path: Path, single_file_max_bytes: int) -> bool:
-    """Write ``proto`` at ``path``, its weights in ``<name>.data`` beside it (``model.onnx.data``) when they exceed
-    ``single_file_max_bytes``; returns whether they do."""
-    external = sum(tensor_bytes(i) for i in proto.graph.initializer) > single_file_max_bytes
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    return external
+WEIGHT_MIN_BYTES = 1024  # smaller initializers (shapes, scalars) stay inside the graph file
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, shared: Path | None = None) -> None:
+    """Write ``proto`` at ``path`` with its weights as ONNX external data in ``<name>.data`` beside it
+    (``model.onnx.data``).
+
+    ONNX Runtime memory-maps external data, so a session's frozen weights stay page cache backed by the
+    bundle's file (which the OS can drop and re-read) unless the session copies them (prepacking, constant
+    folding; ``runtime.session.SessionConfig.mapped_weights``). With ``shared``, the path of a graph of the same
+    bundle already saved this way, a weight stored there under the same name with the same bytes is referenced
+    in place and the rest stays inside the graph file: the gradient graph adds no second copy of the weights.
+    """
+    if shared is None:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=WEIGHT_MIN_BYTES)
+        return
+    data_file = shared.parent / (shared.name + ".data")
+    if not data_file.is_file():  # no frozen weight large enough (e.g. every weight trainable)
+        onnx.save_model(proto, str(path))
+        return
+    stored = {t.name: t for t in onnx.load(str(shared), load_external_data=False).graph.initializer
+              if t.data_location == onnx.TensorProto.EXTERNAL}
+    data = np.memmap(data_file, dtype=np.uint8, mode="r")
+    for tensor in proto.graph.initializer:
+        twin = stored.get(tensor.name)
+        if twin is None or twin.data_type != tensor.data_type or list(twin.dims) != list(tensor.dims):
+            continue
+        where = {e.key: e.value for e in twin.external_data}
+        start, length = int(where.get("offset", 0)), int(where["length"])
+        if numpy_helper.to_array(tensor).tobytes() != data[start : start + length].tobytes():
+            continue
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.external_data.extend(twin.external_data)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    del data
+    onnx.save_model(proto, str(path))
 
 
 def trace_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],

@@ -41,13 +41,16 @@ from pocketzo.mobile_harness.memory import (
     parse_bytes,
     peak_rss_mb,
     profile,
+    rss_kinds_mb,
     rss_mb,
 )
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.zo_trainer.noise import Distribution
 from pocketzo.zo_trainer.recipes import RECIPES, ZO_DEFAULT
 
-BENCH_VERSION = 3  # 3: split bundles (trunk_s, head_s), step_forward_equivalents; 2: the step of a recipe
+# 4: map_weights, rss_end_mb (anonymous / file-backed); 3: split bundles (trunk_s, head_s),
+# step_forward_equivalents; 2: the step of a recipe
+BENCH_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class BenchConfig:
     perturbation: Distribution = "rademacher"
     cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
     split: bool = True  # train on a split bundle's trunk and head (false: on its whole loss graph)
+    map_weights: bool = True  # the training session leaves float32 weights mapped from the bundle (SessionConfig)
     memory_budget: str | None = None  # e.g. 4G: run under this address-space limit
     profile: str | None = None  # a phone profile: sets threads and memory_budget unless given
     version: int = BENCH_VERSION
@@ -134,7 +138,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     base = rss_mb()
     bundle = Bundle(bundle_path)
     ids, mask, labels = _batch(bundle, cfg.batch_size, cfg.seq_len)
-    session_config = SessionConfig(threads=cfg.threads, cpu_mem_arena=cfg.cpu_mem_arena)
+    session_config = SessionConfig(threads=cfg.threads, cpu_mem_arena=cfg.cpu_mem_arena, map_weights=cfg.map_weights)
     out: dict = {"rss_base_mb": base}
     t0 = time.perf_counter()
     sampler.mark("load")
@@ -177,6 +181,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         out["step_noise_s"] = statistics.median(r.seconds - r.forward_seconds for r in records)
     sampler.mark("end")
     out["peak_rss_mb"] = peak_rss_mb()
+    out["rss_end_mb"] = rss_kinds_mb()
     out["address_space_peak_mb"] = address_space_peak_mb()
     out["timeline"] = sampler.stop()
     return out
@@ -243,7 +248,8 @@ def run_bench(bundle_path: str | Path, config: BenchConfig, log=print) -> dict:
         split = bundle.manifest.split
         graph = "" if split is None else (f"split at layer {split.layer}, " if cfg.split else "whole graph, ")
         log(f"bench: {bundle.path} batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.threads} threads, "
-            f"recipe {cfg.recipe}, {cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, {graph}"
+            f"recipe {cfg.recipe}, {cfg.perturbation}, arena {'on' if cfg.cpu_mem_arena else 'off'}, "
+            f"weights {'mapped' if cfg.map_weights else 'copied'}, {graph}"
             f"{cfg.warmup} warm-up + {cfg.steps} timed"
             + (f", memory budget {cfg.memory_budget}" if limit else ""))
         runs = {mode: _spawn(mode, bundle, cfg, baked if mode == "baked" else None, limit)

@@ -57,6 +57,7 @@ def build_report(bundle: Bundle, cfg: BenchConfig, baked: dict, train: dict, fit
             "weights_and_session": loaded - train["rss_base_mb"],
             "activations_and_arena": train["peak_rss_mb"] - loaded,
         },
+        "rss_end_mb": train.get("rss_end_mb"),  # anonymous / file-backed (mapped weights) after the steps
         "fits": fits,
         "timeline": {"train": train["timeline"], "baked": baked["timeline"]},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -85,6 +86,11 @@ def format_report(r: dict) -> list[str]:
         f"{split['weights_and_session']:,.0f} MB weights+session, {split['activations_and_arena']:,.0f} MB "
         "activations+arena",
     ]
+    kinds = r.get("rss_end_mb") or {}
+    if kinds.get("anonymous") is not None and kinds.get("file_backed") is not None:
+        lines.append(f"  training RSS at the end   {kinds['anonymous']:,.0f} MB anonymous, "
+                     f"{kinds['file_backed']:,.0f} MB file-backed (mapped weights: page cache the OS can drop and "
+                     "read again)")
     if r.get("trunk_s") is not None:
         floor = (f"; step / (trunk + {r['points_per_step']} x head) {r['split_floor_ratio']:.3f}"
                  if r.get("split_floor_ratio") is not None else "")

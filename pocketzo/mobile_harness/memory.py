@@ -16,7 +16,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _status_mb(key: str) -> float | None:
-    """A ``Vm*`` line of /proc/self/status in MB; None without /proc."""
+    """A line of /proc/self/status (``VmHWM``, ``RssAnon``...) in MB; None without /proc."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -47,6 +47,12 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * _PAGE / 1e6
     except OSError:
         return peak_rss_mb()
+
+
+def rss_kinds_mb() -> dict[str, float | None]:
+    """Current RSS by kind, in MB: ``anonymous`` (the process's own memory) and ``file_backed`` (mapped files,
+    such as a bundle's memory-mapped weights: page cache the OS can drop and read again); None without /proc."""
+    return {"anonymous": _status_mb("RssAnon"), "file_backed": _status_mb("RssFile")}
 
 
 def address_space_peak_mb() -> float | None:

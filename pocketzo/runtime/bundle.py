@@ -91,6 +91,14 @@ class Bundle:
         trunk, head = (split.trunk_ort_file, split.head_ort_file) if ort_files else (split.trunk_file, split.head_file)
         return self._member(trunk), self._member(head)
 
+    def weights_file_backed(self, graph: Path) -> bool:
+        """Whether ``graph`` (one of this bundle's) reads float32 frozen weights from ONNX external data, which a
+        session can leave memory-mapped from the bundle's files (``SessionConfig.map_weights``). Every bundle
+        exported since the weights moved to model.onnx.data; before, only large ones. Not an ORT-format graph (it
+        holds its weights inside) nor a quantized base (its kernels repack the weights at load either way)."""
+        export = self.manifest.export
+        return graph.suffix == ".onnx" and bool(export.get("external_data")) and not export.get("quantized")
+
     @property
     def base_config_path(self) -> Path | None:
         name = self.manifest.base_config_file

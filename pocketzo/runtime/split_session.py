@@ -31,7 +31,8 @@ class SplitSession:
             raise BundleError(f"{bundle.path}: not a split bundle; export it with `pocketzo export --split auto`")
         self.bundle, self.config = bundle, config or SessionConfig()
         self.trunk_path, head_path = paths
-        self.trunk_session = load_session(self.trunk_path, self.config.session_options())
+        self.trunk_session = load_session(self.trunk_path,
+                                          self.config.session_options(bundle.weights_file_backed(self.trunk_path)))
         outputs = self.trunk_session.get_outputs()
         self.hidden_size = int(bundle.manifest.split.hidden.shape[-1])
         if [o.name for o in outputs] != [HIDDEN] or outputs[0].shape[-1] != self.hidden_size or \

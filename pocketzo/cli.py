@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
             "quant_symmetric": "int8, int4: symmetric weights (no zero points)",
             "quant_accuracy_level": "int8, int4: MatMulNBits accuracy_level; 0 computes in float32, the same function "
                                     "on every ONNX Runtime build; 4 quantizes the activations to int8 per block on "
-                                    "x86-64/ARM CPUs (faster, noisier ZO estimates)",
+                                    "x86-64/ARM CPUs (their ZO estimates follow float32's only with --eps 1e-2 at "
+                                    "train time: docs/quantization.md)",
             "quant_8bit": "int4: regex of frozen weight names kept at 8 bits, e.g. 'down_proj|lm_head' (a tied LM head "
                           "has the embedding's name)",
             "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "

@@ -37,7 +37,7 @@ def save_graph(proto: onnx.ModelProto, path: Path, shared: Path | None = None) -
 
     ONNX Runtime memory-maps external data, so a session's frozen weights stay page cache backed by the
     bundle's file (which the OS can drop and re-read) unless the session copies them (prepacking, constant
-    folding; ``runtime.session.SessionConfig.mapped_weights``). With ``shared``, the path of a graph of the same
+    folding; ``runtime.session.SessionConfig.map_weights``). With ``shared``, the path of a graph of the same
     bundle already saved this way, a weight stored there under the same name with the same bytes is referenced
     in place and the rest stays inside the graph file: the gradient graph adds no second copy of the weights.
     """

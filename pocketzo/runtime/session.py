@@ -43,8 +43,8 @@ class SessionConfig:
     spinning: bool = False
     prefer_ort: bool = True  # load the bundle's model.ort when it has one
     # Leave the frozen weights of a float32 external-data graph memory-mapped from the bundle's file: no prepacked
-    # or constant-folded (transposed) copies. SmolLM2's demo bundle: 1,040 -> 710 MB peak RSS for a forward at
-    # 16 x 64, of which 157 MB anonymous, forward ~4 % slower (docs/memory.md).
+    # or constant-folded (transposed) copies. The demo bundle's ZO run at 16 x 64: peak RSS 809 -> 753 MB, anonymous
+    # 654 -> 173 MB, no step-time difference measurable here (docs/memory.md).
     map_weights: bool = True
 
     def __post_init__(self) -> None:

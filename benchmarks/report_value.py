@@ -106,8 +106,10 @@ def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]
             cells += [_metric_cell([s["eval"] for s in at[t]], m) for m in metrics[1:] for t in SECONDARY]
             extras = {t: _extra_cells(task, at[t]) for t in SECONDARY}
             cells += [extras[t][k] for k in range(len(extra)) for t in SECONDARY]
-            last = [r["stages"][-1] for r in got]
-            cells.append(f"{statistics.mean(s['steps'] for s in last):,.0f} ({last[0]['minutes']} min)")
+            latest = max(r["stages"][-1]["minutes"] for r in got)  # the seeds that reached it, not a mix of readings
+            last = [s for r in got if (s := _stage(r, latest))]
+            seeds = "" if len(last) == len(got) else f", {len(last)} of {len(got)} seeds"
+            cells.append(f"{statistics.mean(s['steps'] for s in last):,.0f} ({latest} min{seeds})")
             cells.append(f"{statistics.mean(s['train_seconds'] for s in last) / unit:,.0f}" if unit else "–")
             cells.append(f"{max(s['peak_rss_mb'] for r in got for s in r['stages']):,.0f} MB")
         lines.append(f"| {name} | {row.what} | {len(got)} | " + " | ".join(cells) + " |")

@@ -5,7 +5,8 @@ A bundle is a directory (documented in docs/bundle.md; opened by ``pocketzo.runt
 by role::
 
     model                model.onnx               loss graph; trainable weights are graph inputs
-    model_data           model.onnx.data          its frozen weights as ONNX external data (large models only)
+    model_data           model.onnx.data          its frozen weights as ONNX external data (gradients.onnx reads
+                                                  them too); ONNX Runtime memory-maps them
     ort_model            model.ort                the same graph in ORT format (``export --ort``); preferred
     required_operators   required_operators.config  the operators model.ort needs (reduced ONNX Runtime builds)
     trainable            trainable.safetensors    initial values of the trainable tensors, HF names
@@ -20,10 +21,10 @@ by role::
     gradient_ort_model   gradients.ort            the same in ORT format (``export --gradients --ort``); preferred
     trunk_model          trunk.onnx               frozen-trunk split (``export --split``): the layers below the split,
                                                   input_ids + attention_mask -> ``hidden``; no trainable input
-    trunk_data           trunk.onnx.data          its weights as external data (large models only)
+    trunk_data           trunk.onnx.data          its weights as external data
     head_model           head.onnx                the rest: ``hidden`` + attention_mask + labels + the trainable
                                                   tensors -> the loss graph's outputs
-    head_data            head.onnx.data           its weights as external data (large models only)
+    head_data            head.onnx.data           its weights as external data
     trunk_ort_model      trunk.ort                the trunk and head in ORT format (``export --split --ort``)
     head_ort_model       head.ort
 

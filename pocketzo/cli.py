@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
             "prompt_tokens": "virtual tokens of --peft prompt",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 or int4 weight-only (block-wise MatMulNBits: the activations stay "
-                        "float32), or int8-dynamic (activations quantized at run time too: fastest, but ZO training "
-                        "through it collapses; for inference)",
+                        "float32; the embedding tables too, GatherBlockQuantized), or int8-dynamic (activations "
+                        "quantized at run time too: fastest, but ZO training through it collapses; for inference)",
             "quant_block_size": "int8, int4: weights sharing one scale along K (a power of two >= 16)",
             "quant_symmetric": "int8, int4: symmetric weights (no zero points)",
             "quant_accuracy_level": "int8, int4: MatMulNBits accuracy_level; 0 computes in float32, the same function "

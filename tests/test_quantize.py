@@ -142,14 +142,24 @@ def test_trainable_linear_weights_are_not_quantized(mode, frozen_bundles, tiny_m
     assert abs(_loss(dst) - _loss(src)) <= RELATIVE_TOLERANCE * _loss(src)
 
 
-def test_tied_embedding_keeps_its_fp32_table_for_the_gather(frozen_bundles, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_tied_embedding_table_is_quantized_once_with_the_head(mode, frozen_bundles, tmp_path):
+    """Weight-only: the Gather reads the LM head's quantized bytes and no float32 table is left; dynamic int8
+    keeps the float32 table for the Gather (its MatMulInteger weights are per-channel, not per-block)."""
     dst = _copy(frozen_bundles("llama"), tmp_path / "q")
-    _quantize(dst / "model.onnx", "int4")
+    stats = _quantize(dst / "model.onnx", mode)
     graph = onnx.load(str(dst / "model.onnx")).graph
     fp32 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
             and not i.name.endswith("_scales")}
-    assert fp32 == {"model.embed_tokens.weight"}  # read by Gather; its transposed copy went to MatMulNBits
-    assert any(n.op_type == "Gather" and "model.embed_tokens.weight" in n.input for n in graph.node)
+    ops = {n.op_type: n for n in graph.node}
+    if mode == "int8-dynamic":
+        assert fp32 == {"model.embed_tokens.weight"} and "Gather" in ops
+        assert stats["embedding_tables"] == 0
+        return
+    assert fp32 == set() and "Gather" not in ops
+    assert (stats["embedding_tables"], stats["tied_tables"]) == (1, 1)
+    heads = {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert ops["GatherBlockQuantized"].input[0] in heads
 
 
 def test_a_single_file_graph_is_read_and_its_weights_written_as_external_data(frozen_bundles, tiny_models, tmp_path):

@@ -16,10 +16,11 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 = unset (fp32 compute), 1 fp
 
 @dataclass(frozen=True)
 class QuantRecipe:
-    """How ``export --quantize`` stores the frozen MatMul weights of every graph of a bundle.
+    """How ``export --quantize`` stores the frozen MatMul weights (and embedding tables) of every graph of a bundle.
 
     ``int8`` and ``int4`` are weight-only: ONNX Runtime's ``MatMulNBits`` holds the weights in 8 or 4 bits, one
-    scale (and with ``symmetric=False`` a zero point) per ``block_size`` weights along K, and at ``accuracy_level``
+    scale (and with ``symmetric=False`` a zero point) per ``block_size`` weights along K; ``GatherBlockQuantized``
+    holds the embedding tables the same way (a tied LM head's bytes, once). At ``accuracy_level``
     0 computes in float32, so a bundle is the same function on every ONNX Runtime build and the ZO estimate
     through it follows the float32 one (correlation 0.997 for 8 bits on SmolLM2, docs/quantization.md). Level 4
     quantizes the activations to int8 per block on x86-64 and ARM CPUs: 5 % faster there, and ZO estimates that

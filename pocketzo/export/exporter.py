@@ -201,7 +201,8 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         gc.collect()
         if config.quantize != "none":
             recipe = config.quant_recipe
-            _say(f"quantizing the frozen MatMul weights to {config.quantize} (ONNX Runtime's quantizer)")
+            what = "MatMul weights and embedding tables" if recipe.weight_only else "MatMul weights"
+            _say(f"quantizing the frozen {what} to {config.quantize} (ONNX Runtime's quantizer)")
             if not recipe.weight_only:
                 _say("warning: int8-dynamic quantizes the activations at run time; ZO training through such a base "
                      "collapsed on the demo task (49.4 %, docs/modes.md): use it for inference, int8 for training")

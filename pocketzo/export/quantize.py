@@ -1,11 +1,13 @@
-"""Quantize the FROZEN MatMul weights of a bundle's loss graph with ONNX Runtime's own tools.
+"""Quantize the FROZEN weights of a bundle's loss graph (MatMul weights, embedding tables) with ONNX Runtime's tools.
 
 Trainable tensors are graph inputs and stay float32 inputs: the ZO trainer edits them in place,
 and a perturbation of ~1e-3 would vanish under an int8 or int4 grid. Only MatMuls whose weight
 operand is an initializer are rewritten:
 
 - ``int8``, ``int4``: ``MatMulNBitsQuantizer``, weight-only (block-wise 8 or 4 bits ->
-  ``com.microsoft.MatMulNBits``); an int4 recipe may keep the weights its ``eight_bit`` regex names at 8 bits;
+  ``com.microsoft.MatMulNBits``); an int4 recipe may keep the weights its ``eight_bit`` regex names at 8 bits.
+  The embedding tables follow, block-quantized the same way (``quantize_embedding``: ``GatherBlockQuantized``,
+  a tied LM head's bytes shared);
 - ``int8-dynamic``: ``quantize_dynamic`` (per-channel int8 weights; activations quantized at run time by
   ``DynamicQuantizeLinear``; ``MatMulInteger`` + rescale).
 
@@ -35,6 +37,7 @@ from onnx import numpy_helper
 
 from pocketzo.errors import ExportError
 from pocketzo.export.config import QuantRecipe
+from pocketzo.export.quantize_embedding import quantize_embeddings
 from pocketzo.export.tracing import save_graph, tensor_bytes
 
 QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
@@ -44,7 +47,8 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
     """Rewrite ``model_path`` in place with its frozen MatMul weights quantized by ``recipe``.
 
     Graph inputs (the trainable tensors) and outputs keep their names, types and shapes. Returns stats: the
-    recipe, ``quantized`` (number of weights) and ``eight_bit`` (how many of them have 8 bits),
+    recipe, ``quantized`` (number of weights) and ``eight_bit`` (how many of them have 8 bits), ``embedding_tables``
+    (Gathers made GatherBlockQuantized) and ``tied_tables`` (of them, reading a tied LM head's bytes),
     ``weight_bytes_fp32`` / ``weight_bytes_quantized`` and ``file_bytes_before`` / ``file_bytes_after`` (the
     graph plus its external data).
     """
@@ -54,6 +58,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
     interface = _interface(model.graph)
     before = {i.name: tensor_bytes(i) for i in model.graph.initializer}
     fp32_bytes = sum(before[w] for w in set(targets.values()))
+    tables = {"tables": 0, "tied": 0, "fp32_bytes": 0}  # int8-dynamic leaves the embedding tables float32
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp, _contained_ort_logging():
         try:
             if mode == "int8-dynamic":
@@ -62,6 +67,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
                 out = _int8_dynamic(staged, list(targets))
             else:
                 out = _nbits(model, targets, recipe)
+                tables = quantize_embeddings(out.graph, _frozen_weights(out.graph), recipe)
         except Exception as e:  # ORT's tools raise anything from AssertionError to InferenceError
             raise ExportError(f"{path}: ONNX Runtime's {mode} quantizer failed "
                               f"({type(e).__name__}: {str(e).strip()[:300]})") from None
@@ -76,7 +82,8 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
     _write(out, path)
     eight_bit = quantized if mode == "int8-dynamic" else sum(_bits(n) == 8 for n in ops)
     return {"mode": mode, "recipe": asdict(recipe), "quantized": quantized, "eight_bit": eight_bit,
-            "weight_bytes_fp32": fp32_bytes, "weight_bytes_quantized": added,
+            "embedding_tables": tables["tables"], "tied_tables": tables["tied"],
+            "weight_bytes_fp32": fp32_bytes + tables["fp32_bytes"], "weight_bytes_quantized": added,
             "file_bytes_before": file_bytes_before, "file_bytes_after": _file_bytes(path)}
 
 

@@ -98,13 +98,21 @@ def phone_sized_section() -> list[str]:
     ps = _json("phone_sized.json")
     if ps:
         lines += ["## LoRA step cost and memory (`benchmarks/phone_sized.py`, `pocketzo bench`, 8 x 64, 2 threads)",
-                  "", "| bundle | trainable | bundle size | forward | ZO step | step ÷ 2 forwards (target ≤ 1.05) "
-                  "| training peak RSS | date |", "|---|---|---|---|---|---|---|---|"]
+                  "", "| bundle | export flags | trainable | bundle size | forward | ZO step | step ÷ 2 forwards "
+                  "(target ≤ 1.05) | training peak RSS | at the end: anonymous / file-backed | date |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in ps.items():
-            lines.append(f"| {name} | {r['trainable_parameters']:,} | {r['bundle_mb']:,.0f} MB "
+            end = r.get("rss_end_mb")
+            split = f"{end['anonymous']:,.0f} / {end['file_backed']:,.0f} MB" if end else "–"
+            flags = f"`{r['export_flags']}`" if r["export_flags"] else "(none: fp32)"
+            lines.append(f"| {name} | {flags} "
+                         f"| {r['trainable_parameters']:,} | {r['bundle_mb']:,.0f} MB "
                          f"| {r['forward_train_s']:.3f} s | {r['step_s']:.3f} s | {r['step_over_2_forwards']:.3f} "
-                         f"| {r['peak_rss_mb']:,.0f} MB | {r['date']} |")
-        lines += ["", "*forward* is the training session's forward (the same graph the step runs twice).", ""]
+                         f"| {r['peak_rss_mb']:,.0f} MB | {split} | {r['date']} |")
+        lines += ["", "*forward* is the training session's forward (the same graph the step runs twice). Each row "
+                  "is one `pocketzo export --task causal-lm --peft lora --max-length 64` + `pocketzo bench` run "
+                  "with the machine otherwise idle (the 2026-11-25 row: under load, before the weights were "
+                  "memory-mapped and the embedding tables quantized).", ""]
     sl = _json("slots.json")
     if sl:
         lines += [f"## Perturbation slots: estimate pairs per second (`benchmarks/slots.py`, {sl['date']})", "",
@@ -116,7 +124,25 @@ def phone_sized_section() -> list[str]:
             lines.append(f"| {r['batch']} | {r['slots']} | {r['step_s']:.3f} s | {r['pairs_per_step']} "
                          f"| {r['pairs_per_s']:.2f} | {r['speedup']:.2f}x |")
         lines.append("")
-    return lines
+    return lines + CAVEATS
+
+
+CAVEATS = [  # what the generated tables above cannot say themselves
+    "**Contention (2026-11-25):** these runs shared the 2 cores with 1–3 other jobs (the personal-text demo, an",
+    "OPT-1.3B export, the test suite), so their step and forward times are inflated: the bitfit set-up takes",
+    "1.85 s per step alone (`make demo`). Accuracies, forward-pass counts, step ÷ forward ratios and memory do",
+    "not depend on it; the slot speed-ups do, and should be re-measured on a quiet machine. The 2026-12-02 rows",
+    "of the LoRA table were taken on an idle machine, except the first ~45 s of the opt-1.3b-lora-int4-a0 bench",
+    "(its bundle load and baked forwards, not in the table), which overlapped the end of a test run.",
+    "",
+    "**Quantization flags (2026-12-02):** the `--quantize int8` of the mode rows above is today's `--quantize "
+    "int8-dynamic`",
+    "(activations quantized at run time), and their `--quantize int4` today's `--quantize int4 "
+    "--quant-accuracy-level 4`;",
+    "`benchmarks/modes.py` runs them with those flags. `--quantize int8` now means weight-only",
+    "8-bit `MatMulNBits` (README, \"Using it\"; docs/quantization.md).",
+    "",
+]
 
 
 def write_doc(results: dict, path: Path) -> None:

@@ -1,7 +1,8 @@
 """Phone-sized fine-tuning: LoRA step cost and the memory of LoRA over an int4 base, with `pocketzo bench`.
 
     SmolLM2-135M (real), LoRA r8 on q_proj,v_proj, fp32 base: step / (2 x forward)
-    OPT-1.3B shape, LoRA over an int4 base: peak RSS of training (full-parameter fp32: docs/benchmarks.md)
+    OPT-1.3B shape, LoRA over an fp32, 8-bit and 4-bit base: forward, step and peak RSS of training
+    (full-parameter fp32: docs/benchmarks.md)
 
 Each bundle is a `pocketzo export --task causal-lm --peft lora`; each measurement is `pocketzo bench`
 (baked and training workers in fresh processes), batch 8 x 64, 2 threads. Writes benchmarks/phone_sized.json.
@@ -41,6 +42,9 @@ def main() -> int:
     cases = {  # name: (model, extra export flags)
         "smollm2-lora": ("smollm2", []),
         "opt-1.3b-lora-int4": ("opt-1.3b", ["--quantize", "int4", "--quant-accuracy-level", "4"]),
+        "opt-1.3b-lora-int4-a0": ("opt-1.3b", ["--quantize", "int4"]),
+        "opt-1.3b-lora-int8-a0": ("opt-1.3b", ["--quantize", "int8"]),
+        "opt-1.3b-lora-fp32": ("opt-1.3b", []),
     }
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     for name, (model, flags) in cases.items():
@@ -55,7 +59,8 @@ def main() -> int:
         r = json.loads(report.read_text())
         results[name] = {k: r.get(k) for k in ("step_s", "forward_train_s", "forward_baked_s", "step_forward_s",
                                                "step_noise_s", "peak_rss_mb", "inference_peak_rss_mb",
-                                               "trainable_parameters")}
+                                               "trainable_parameters", "rss_end_mb")}
+        results[name]["export_flags"] = " ".join(flags)
         results[name]["step_over_2_forwards"] = r["step_s"] / (2 * r["forward_train_s"])
         results[name]["bundle_mb"] = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 1e6
         results[name]["date"] = time.strftime("%Y-%m-%d %H:%M")

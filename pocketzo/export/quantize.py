@@ -48,7 +48,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
 
     Graph inputs (the trainable tensors) and outputs keep their names, types and shapes. Returns stats: the
     recipe, ``quantized`` (number of weights) and ``eight_bit`` (how many of them have 8 bits), ``embedding_tables``
-    (Gathers made GatherBlockQuantized) and ``tied_tables`` (of them, reading a tied LM head's bytes),
+    (tables whose Gathers became GatherBlockQuantized) and ``tied_tables`` (of them, reading a tied LM head's bytes),
     ``weight_bytes_fp32`` / ``weight_bytes_quantized`` and ``file_bytes_before`` / ``file_bytes_after`` (the
     graph plus its external data).
     """

@@ -33,36 +33,40 @@ MS_DOMAIN = "com.microsoft"
 def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorProto], recipe: QuantRecipe) -> dict:
     """Rewrite every ``Gather`` (axis 0) of a 2-D frozen float32 table in ``graph`` as GatherBlockQuantized.
 
-    ``frozen`` maps the graph's frozen float32 initializers by name (``quantize._frozen_weights``, taken before
-    the MatMuls were quantized). A table's bits follow the recipe (``eight_bit`` searched in the table's name);
-    a table tied to a quantized LM head takes the head's bits and bytes. Tables whose hidden size is not a
-    multiple of ``block_size`` stay float32. Returns ``{"tables": n, "tied": n, "fp32_bytes": n}``, the last the
-    float32 bytes of the tables quantized here (a tied table's are its head's).
+    ``frozen`` maps the graph's frozen float32 initializers by name (``quantize._frozen_weights``). A table's
+    bits follow the recipe (``eight_bit`` searched in the table's name); a table tied to a quantized LM head
+    takes the head's bits and bytes. Tables whose hidden size is not a multiple of ``block_size`` stay float32.
+    Returns ``{"tables": n, "tied": n, "fp32_bytes": n}``: tables quantized, of them tied, and the float32 bytes
+    of the tables quantized here (a tied table's are its head's).
     """
     inits = {i.name: i for i in graph.initializer}
     head_bits = {n.input[1]: _attr(n, "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    tables = tied = fp32_bytes = 0
+    done: dict[str, tuple[list[str], int]] = {}  # table -> (the Gather's inputs, bits): one copy per table
+    tied = fp32_bytes = 0
     for node in list(graph.node):
         if node.op_type != "Gather" or node.input[0] not in frozen or _attr(node, "axis", 0) != 0:
             continue
         table = frozen[node.input[0]]
         if len(table.dims) != 2 or table.dims[1] % recipe.block_size:
             continue
-        shared = next((name for name, bits in head_bits.items() if name == f"{table.name}.T_Q{bits}"), None)
-        if shared is not None:
-            bits = head_bits[shared]
-            blocks = _tied_blocks(graph, inits, shared, table.name, bits, recipe)
-            tied += 1
-        else:
-            bits = 8 if recipe.mode == "int8" or (recipe.eight_bit and re.search(recipe.eight_bit, table.name)) else 4
-            blocks = _quantized_blocks(graph, inits, table, bits, recipe)
-            fp32_bytes += 4 * int(np.prod(table.dims))
+        if table.name not in done:
+            # a tied head reads W.T (quantize._add_transposed), which the MatMulNBits quantizer stored as W.T_Q<bits>
+            shared = next((name for name, bits in head_bits.items() if name == f"{table.name}.T_Q{bits}"), None)
+            if shared is not None:
+                bits = head_bits[shared]
+                done[table.name] = _tied_blocks(graph, inits, shared, table.name, bits, recipe), bits
+                tied += 1
+            else:
+                bits = 8 if recipe.mode == "int8" or (recipe.eight_bit and re.search(recipe.eight_bit, table.name)) \
+                    else 4
+                done[table.name] = _quantized_blocks(graph, inits, table, bits, recipe), bits
+                fp32_bytes += 4 * int(np.prod(table.dims))
+        blocks, bits = done[table.name]
         _replace_gather(graph, node, blocks, int(table.dims[1]), bits, recipe.block_size)
-        tables += 1
     used = {name for n in graph.node for name in n.input}
     for init in [i for i in graph.initializer if i.name in frozen and i.name not in used]:
         graph.initializer.remove(init)
-    return {"tables": tables, "tied": tied, "fp32_bytes": fp32_bytes}
+    return {"tables": len(done), "tied": tied, "fp32_bytes": fp32_bytes}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
@@ -128,7 +132,7 @@ def _replace_gather(graph: onnx.GraphProto, gather: onnx.NodeProto, blocks: list
                     block_size: int) -> None:
     """``Gather(W, ids)`` -> ``Reshape(GatherBlockQuantized(blocks, ids), Concat(Shape(ids), [hidden]))``, in place."""
     ids, out = gather.input[1], gather.output[0]
-    hidden_name = f"{gather.input[0]}_hidden"
+    hidden_name = f"{out}_hidden"
     graph.initializer.append(numpy_helper.from_array(np.array([hidden], dtype=np.int64), hidden_name))
     stem = gather.name or out
     data, scales, *points = blocks

@@ -104,7 +104,9 @@ def phone_sized_section() -> list[str]:
         for name, r in ps.items():
             end = r.get("rss_end_mb")
             split = f"{end['anonymous']:,.0f} / {end['file_backed']:,.0f} MB" if end else "–"
-            flags = f"`{r['export_flags']}`" if r["export_flags"] else "(none: fp32)"
+            flags = f"`{r['export_flags']}`" if r.get("export_flags") else "(none: fp32)"
+            if r.get("note"):
+                flags += f" ({r['note']})"
             lines.append(f"| {name} | {flags} "
                          f"| {r['trainable_parameters']:,} | {r['bundle_mb']:,.0f} MB "
                          f"| {r['forward_train_s']:.3f} s | {r['step_s']:.3f} s | {r['step_over_2_forwards']:.3f} "

@@ -50,7 +50,8 @@ def estimates(bundle: Path, data: Path, batch_size: int, directions: int, eps: f
     theta[:] = start
     quantized = opened.manifest.export.get("quantized")
     return {"bundle": str(bundle), "quantized": None if quantized is None else
-            {k: quantized.get(k) for k in ("mode", "recipe", "quantized", "eight_bit")}, "loss": loss, "g": g}
+            {k: quantized.get(k) for k in ("mode", "recipe", "quantized", "eight_bit", "embedding_tables",
+                                           "tied_tables", "file_bytes_after")}, "loss": loss, "g": g}
 
 
 def fidelity(reference: dict, other: dict) -> dict:

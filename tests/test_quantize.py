@@ -101,6 +101,9 @@ def test_quantized_loss_is_close_and_every_linear_is_quantized(kind, mode, froze
     if mode != "int8-dynamic":
         assert {a["bits"] for a in _attributes(dst / "model.onnx", "MatMulNBits")} == {8 if mode == "int8" else 4}
     assert stats["eight_bit"] == (0 if mode == "int4" else expected)
+    # weight-only: the token table, tied to the head, and OPT's learned positions are block-quantized too
+    tables = (0, 0) if mode == "int8-dynamic" else ({"llama": 1, "opt": 2}[kind], 1)
+    assert (stats["embedding_tables"], stats["tied_tables"]) == tables
     # 8 bits: 1 byte + a scale per column or per 32 weights; 4 bits: half a byte + one fp32 scale per 32 weights
     assert stats["weight_bytes_quantized"] < {"int4": 0.2}.get(mode, 0.3) * stats["weight_bytes_fp32"]
     assert stats["file_bytes_after"] < stats["file_bytes_before"]

@@ -58,7 +58,7 @@ def _block_scales(graph: onnx.GraphProto) -> np.ndarray:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_quantized_rows_are_the_table_within_half_a_step(tied, mode, symmetric, tmp_path):
+def test_quantized_rows_are_the_table_within_a_step(tied, mode, symmetric, tmp_path):
     path, table, head = _graph(tmp_path, tied)
     ids = np.array([[0, 3, 7, 49], [3, 3, 1, 2]], dtype=np.int64)
     fp32 = _run(path, ids)
@@ -86,7 +86,7 @@ def test_quantized_rows_are_the_table_within_half_a_step(tied, mode, symmetric, 
 
 def test_a_tied_table_is_stored_once_at_the_heads_bits(tmp_path):
     path, _, _ = _graph(tmp_path, tied=True)
-    quantize_frozen(path, QuantRecipe("int4", block_size=16, eight_bit="embed"))
+    quantize_frozen(path, QuantRecipe("int4", block_size=16, eight_bit=r"\.T$"))  # the head's name only
     graph = onnx.load(str(path)).graph
     head = next(n for n in graph.node if n.op_type == "MatMulNBits")
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
@@ -95,6 +95,35 @@ def test_a_tied_table_is_stored_once_at_the_heads_bits(tmp_path):
     assert bits == {"MatMulNBits": 8, "GatherBlockQuantized": 8}
     quantized = [i for i in graph.initializer if i.data_type == TensorProto.UINT8]
     assert len(quantized) == 1
+
+
+def test_a_table_read_by_two_gathers_is_quantized_once_for_both(tmp_path):
+    path, table, _ = _graph(tmp_path, tied=False)
+    model = onnx.load(str(path))
+    model.graph.node.insert(1, helper.make_node("Gather", ["embed.weight", "ids"], ["rows2"]))
+    model.graph.node.append(helper.make_node("Add", ["rows", "rows2"], ["twice"]))
+    model.graph.output.append(helper.make_tensor_value_info("twice", TensorProto.FLOAT, ["B", "T", HIDDEN]))
+    onnx.save(model, str(path))
+    stats = quantize_frozen(path, QuantRecipe("int8", block_size=16))
+    graph = onnx.load(str(path)).graph
+    assert stats["embedding_tables"] == 1
+    assert [n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized"] == ["embed.weight_gather_Q8"] * 2
+    ids = np.array([[5, 3]], dtype=np.int64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rows, twice = session.run(["rows", "twice"], {"ids": ids})
+    np.testing.assert_array_equal(twice, 2 * rows)
+    assert np.abs(rows - table[ids]).max() < 0.05
+
+
+def test_a_table_something_else_reads_stays_float32(tmp_path):
+    path, _, _ = _graph(tmp_path, tied=False)
+    model = onnx.load(str(path))
+    model.graph.node.append(helper.make_node("ReduceSum", ["embed.weight"], ["table_sum"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("table_sum", TensorProto.FLOAT, []))
+    onnx.save(model, str(path))
+    stats = quantize_frozen(path, QuantRecipe("int8", block_size=16))
+    assert stats["embedding_tables"] == 0
+    assert "Gather" in {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
 def test_a_table_whose_width_is_not_a_whole_number_of_blocks_stays_float32(tmp_path):

@@ -58,6 +58,10 @@ class QuantRecipe:
     def weight_only(self) -> bool:
         return self.mode != "int8-dynamic"
 
+    def bits_for(self, weight: str) -> int:
+        """A weight-only recipe's bits for the frozen weight (or embedding table) named ``weight``."""
+        return 8 if self.mode == "int8" or (self.eight_bit and re.search(self.eight_bit, weight)) else 4
+
 
 @dataclass(frozen=True)
 class ExportConfig:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from onnx import numpy_helper
 
 from pocketzo.errors import ExportError
 from pocketzo.export.config import QuantRecipe
-from pocketzo.export.quantize_embedding import quantize_embeddings
+from pocketzo.export.quantize_embedding import int_attribute, quantize_embeddings
 from pocketzo.export.tracing import save_graph, tensor_bytes
 
 QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
@@ -58,7 +57,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
     interface = _interface(model.graph)
     before = {i.name: tensor_bytes(i) for i in model.graph.initializer}
     fp32_bytes = sum(before[w] for w in set(targets.values()))
-    tables = {"tables": 0, "tied": 0, "fp32_bytes": 0}  # int8-dynamic leaves the embedding tables float32
+    tables: dict = {"tables": [], "tied": 0, "fp32_bytes": 0}  # int8-dynamic leaves the embedding tables float32
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=path.parent) as tmp, _contained_ort_logging():
         try:
             if mode == "int8-dynamic":
@@ -68,6 +67,7 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
             else:
                 out = _nbits(model, targets, recipe)
                 tables = quantize_embeddings(out.graph, _frozen_weights(out.graph), recipe)
+                _drop_unused(out.graph, set(tables["tables"]))
         except Exception as e:  # ORT's tools raise anything from AssertionError to InferenceError
             raise ExportError(f"{path}: ONNX Runtime's {mode} quantizer failed "
                               f"({type(e).__name__}: {str(e).strip()[:300]})") from None
@@ -80,9 +80,9 @@ def quantize_frozen(model_path: str | os.PathLike[str], recipe: QuantRecipe) -> 
         raise ExportError(f"{path}: quantizing changed the graph's inputs or outputs; refusing to write it")
     added = sum(tensor_bytes(i) for i in out.graph.initializer if i.name not in before)
     _write(out, path)
-    eight_bit = quantized if mode == "int8-dynamic" else sum(_bits(n) == 8 for n in ops)
+    eight_bit = quantized if mode == "int8-dynamic" else sum(int_attribute(n, "bits") == 8 for n in ops)
     return {"mode": mode, "recipe": asdict(recipe), "quantized": quantized, "eight_bit": eight_bit,
-            "embedding_tables": tables["tables"], "tied_tables": tables["tied"],
+            "embedding_tables": len(tables["tables"]), "tied_tables": tables["tied"],
             "weight_bytes_fp32": fp32_bytes + tables["fp32_bytes"], "weight_bytes_quantized": added,
             "file_bytes_before": file_bytes_before, "file_bytes_after": _file_bytes(path)}
 
@@ -253,8 +253,7 @@ def _nbits(model: onnx.ModelProto, targets: dict[str, str], recipe: QuantRecipe)
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    eight = {node for node, weight in targets.items()
-             if recipe.mode == "int8" or (recipe.eight_bit and re.search(recipe.eight_bit, weight))}
+    eight = {node for node, weight in targets.items() if recipe.bits_for(weight) == 8}
     for bits, chosen in ((8, eight), (4, set(targets) - eight)):
         if not chosen:
             continue
@@ -266,8 +265,7 @@ def _nbits(model: onnx.ModelProto, targets: dict[str, str], recipe: QuantRecipe)
     return model
 
 
-def _bits(node: onnx.NodeProto) -> int:
-    return next(a.i for a in node.attribute if a.name == "bits")
+
 
 
 def _external_data(path: Path) -> str:

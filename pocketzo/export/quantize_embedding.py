@@ -19,8 +19,6 @@ MatMulNBits does, so both read the bytes the same way.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -31,45 +29,46 @@ MS_DOMAIN = "com.microsoft"
 
 
 def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorProto], recipe: QuantRecipe) -> dict:
-    """Rewrite every ``Gather`` (axis 0) of a 2-D frozen float32 table in ``graph`` as GatherBlockQuantized.
+    """Rewrite the Gathers (axis 0) of every 2-D frozen float32 table in ``graph`` as GatherBlockQuantized.
 
-    ``frozen`` maps the graph's frozen float32 initializers by name (``quantize._frozen_weights``). A table's
-    bits follow the recipe (``eight_bit`` searched in the table's name); a table tied to a quantized LM head
-    takes the head's bits and bytes. Tables whose hidden size is not a multiple of ``block_size`` stay float32.
-    Returns ``{"tables": n, "tied": n, "fp32_bytes": n}``: tables quantized, of them tied, and the float32 bytes
-    of the tables quantized here (a tied table's are its head's).
+    ``frozen`` maps the graph's frozen float32 initializers by name (``quantize._frozen_weights``). Only a table
+    that axis-0 Gathers alone read is rewritten (anything else reading it would keep the float32 copy too),
+    and only if its width is a whole number of ``block_size`` blocks. Its bits follow ``recipe.bits_for`` of its
+    name; a table tied to a quantized LM head takes the head's bits and bytes. Returns ``{"tables": names,
+    "tied": n, "fp32_bytes": n}``: the tables rewritten (the caller drops their float32 initializers), how many
+    read a head's bytes, and the float32 bytes of the others.
     """
     inits = {i.name: i for i in graph.initializer}
-    head_bits = {n.input[1]: _attr(n, "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    done: dict[str, tuple[list[str], int]] = {}  # table -> (the Gather's inputs, bits): one copy per table
+    head_bits = {n.input[1]: int_attribute(n, "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) & frozen.keys():
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    tables = [name for name, nodes in readers.items()
+              if all(n.op_type == "Gather" and n.input[0] == name and int_attribute(n, "axis", 0) == 0 for n in nodes)
+              and name not in outputs and len(frozen[name].dims) == 2
+              and frozen[name].dims[1] % recipe.block_size == 0]
     tied = fp32_bytes = 0
-    for node in list(graph.node):
-        if node.op_type != "Gather" or node.input[0] not in frozen or _attr(node, "axis", 0) != 0:
-            continue
-        table = frozen[node.input[0]]
-        if len(table.dims) != 2 or table.dims[1] % recipe.block_size:
-            continue
-        if table.name not in done:
-            # a tied head reads W.T (quantize._add_transposed), which the MatMulNBits quantizer stored as W.T_Q<bits>
-            shared = next((name for name, bits in head_bits.items() if name == f"{table.name}.T_Q{bits}"), None)
-            if shared is not None:
-                bits = head_bits[shared]
-                done[table.name] = _tied_blocks(graph, inits, shared, table.name, bits, recipe), bits
-                tied += 1
-            else:
-                bits = 8 if recipe.mode == "int8" or (recipe.eight_bit and re.search(recipe.eight_bit, table.name)) \
-                    else 4
-                done[table.name] = _quantized_blocks(graph, inits, table, bits, recipe), bits
-                fp32_bytes += 4 * int(np.prod(table.dims))
-        blocks, bits = done[table.name]
-        _replace_gather(graph, node, blocks, int(table.dims[1]), bits, recipe.block_size)
-    used = {name for n in graph.node for name in n.input}
-    for init in [i for i in graph.initializer if i.name in frozen and i.name not in used]:
-        graph.initializer.remove(init)
-    return {"tables": len(done), "tied": tied, "fp32_bytes": fp32_bytes}
+    for name in tables:
+        table = frozen[name]
+        # a tied head reads W.T (quantize._add_transposed), which the MatMulNBits quantizer stored as W.T_Q<bits>
+        shared = next((q for b in (8, 4) if (q := f"{name}.T_Q{b}") in head_bits and head_bits[q] == b), None)
+        if shared is not None:
+            bits = head_bits[shared]
+            blocks = _tied_blocks(graph, inits, shared, name, bits, recipe)
+            tied += 1
+        else:
+            bits = recipe.bits_for(name)
+            blocks = _quantized_blocks(graph, inits, table, bits, recipe)
+            fp32_bytes += 4 * int(np.prod(table.dims))
+        for gather in readers[name]:
+            _replace_gather(graph, gather, blocks, int(table.dims[1]), bits, recipe.block_size)
+    return {"tables": tables, "tied": tied, "fp32_bytes": fp32_bytes}
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
+def int_attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:
+    """The integer attribute ``name`` of ``node``, or ``default``."""
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
@@ -100,7 +99,7 @@ def _quantized_blocks(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]
     # the routine quantizes a MatMul's B [K, N] along K: the table transposed, K = hidden
     weight = np.ascontiguousarray(numpy_helper.to_array(table).T, dtype=np.float32)
     quantize(packed, weight, scales, points, recipe.block_size, rows, hidden, recipe.symmetric)
-    names = [_add(graph, inits, f"{table.name}_Q{bits}", packed),
+    names = [_add(graph, inits, f"{table.name}_gather_Q{bits}", packed),
              _add(graph, inits, f"{table.name}_gather_scales", scales.reshape(rows, n_blocks, 1))]
     if not recipe.symmetric:
         names.append(_add(graph, inits, f"{table.name}_gather_zero_points",

@@ -174,10 +174,9 @@ def _curves(task: str, rows: dict, runs: dict[str, list[dict]], path: Path) -> b
 
 def _defaults(runs: dict[str, list[dict]]) -> list[str]:
     """How `pocketzo train` chooses its recipe, from these results: each candidate's mean rank."""
-    from pocketzo.zo_trainer.recipes import CANDIDATES, DEFAULTS  # noqa: PLC0415
+    from pocketzo.zo_trainer.recipes import CANDIDATES, DEFAULTS, GRAPH_KINDS  # noqa: PLC0415
 
     results = [r for rs in runs.values() for r in rs]
-    what = {"none": "no gradient graph", "top": "`--gradient-layers K`", "all": "`--gradients`"}
     lines = ["A new `pocketzo train` run that names no `--recipe` takes, among the recipes its bundle can run "
              "without a hand-set lr, the one with the best mean rank over the tasks below (each task at the latest "
              "reading all of them have, the mean over the seeds run). `tests/test_recipes.py` fails when these "
@@ -186,7 +185,7 @@ def _defaults(runs: dict[str, list[dict]]) -> list[str]:
     for graph, names in CANDIDATES.items():
         ranks, tasks = mean_ranks(results, names)
         shown = ", ".join(f"{n} {ranks[n]:.2f}" for n in names) if tasks else "not measured yet"
-        lines.append(f"| {what[graph]} | {shown} | {', '.join(tasks) or '–'} | {DEFAULTS[graph]} |")
+        lines.append(f"| {GRAPH_KINDS[graph]} | {shown} | {', '.join(tasks) or '–'} | {DEFAULTS[graph]} |")
     return lines
 
 

@@ -40,8 +40,9 @@ CANDIDATES: dict[GradientGraph, tuple[str, ...]] = {
 DEFAULTS: dict[GradientGraph, str] = {"none": "best", "top": "hybrid-adamw", "all": "fo-adamw"}
 ZO_DEFAULT = DEFAULTS["none"]
 _BY_METHOD = {"zo": ZO_DEFAULT, "fo": "fo-adamw", "hybrid": "hybrid-adamw"}
-_WHAT = {"none": "no gradient graph", "top": "a gradient graph of its top layers",
-         "all": "a gradient graph of every trainable tensor"}
+# what a bundle of each kind carries (``gradient_graph``), as the choice and docs/value.md say it
+GRAPH_KINDS = {"none": "no gradient graph", "top": "a gradient graph of its top layers (export --gradient-layers K)",
+               "all": "a gradient graph of every trainable tensor (export --gradients)"}
 
 
 @dataclass(frozen=True)
@@ -73,5 +74,5 @@ def choose_recipe(graph: GradientGraph, method: str | None = None) -> RecipeChoi
         return RecipeChoice(_BY_METHOD[method], f"--method {method}")
     recipe = DEFAULTS[graph]
     others = ", ".join(r for r in CANDIDATES[graph] if r != recipe)
-    return RecipeChoice(recipe, f"the bundle has {_WHAT[graph]}; of the recipes it can run ({recipe}, {others}) "
+    return RecipeChoice(recipe, f"the bundle has {GRAPH_KINDS[graph]}; of the recipes it can run ({recipe}, {others}) "
                         f"{recipe} gained most per minute in docs/value.md")

@@ -49,6 +49,9 @@ class Row:
 ROWS = {r.name: r for r in (
     Row("fo-adamw", "exact gradients on ONNX Runtime (`--recipe fo-adamw`), AdamW lr 1e-3, 60 steps",
         GRADIENT_BUNDLE, ("--recipe", "fo-adamw", "--steps", "60", "--eval-every", "10")),
+    Row("fo-adamw-micro4", "as fo-adamw, the gradient graph run over 4 rows at a time and the 4 parts' gradients "
+        "summed (`--micro-batch 4`)", GRADIENT_BUNDLE,
+        ("--recipe", "fo-adamw", "--micro-batch", "4", "--steps", "60", "--eval-every", "10")),
     Row("hybrid-adamw", "exact gradients for the last 8 layers' norms and the final norm, one-sided ZO below "
         "(`--recipe hybrid-adamw`), AdamW lr 1e-3, 60 steps", HYBRID_BUNDLE,
         ("--recipe", "hybrid-adamw", "--steps", "60", "--eval-every", "10")),

@@ -37,6 +37,8 @@ TRAIN_HELP = {
     "optimizer": "fo, hybrid: sgd (with --momentum; 1 float32 per weight) or adamw (2 float32 per weight), plus "
                  "the gradient buffer (1 per weight)",
     "grad_clip": "fo, hybrid: clip the exact gradient's global L2 norm to this (0: off)",
+    "micro_batch": "fo, hybrid: run the gradient graph over at most this many rows at a time and sum the parts' "
+                   "gradients (0: the whole batch); the backward's activation memory follows these rows",
 }
 POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",

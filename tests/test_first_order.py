@@ -129,10 +129,13 @@ def test_zeroth_order_options_are_refused_with_fo(bad):
         Method(steps=1, method="fo", **bad)
     with pytest.raises(ValueError, match="need --method fo"):
         Method(steps=1, optimizer="adamw")
+    with pytest.raises(ValueError, match="needs --method fo or hybrid"):
+        Method(steps=1, micro_batch=4)
 
 
+@pytest.mark.parametrize("micro_batch", [0, 3])
 def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_replayed(bundles, sentiment_files,
-                                                                                        tmp_path):
+                                                                                        tmp_path, micro_batch):
     from dataclasses import replace
 
     from pocketzo.errors import PocketzoError
@@ -140,7 +143,8 @@ def test_fo_training_on_a_gradient_bundle_learns_resumes_bit_for_bit_and_is_not_
     from pocketzo.zo_trainer import RunPolicy, replay_run, train
 
     bundle = bundles("llama-classify-grad")
-    method = Method(steps=40, method="fo", optimizer="adamw", lr=3e-3, batch_size=8, seed=3, weight_decay=0.01)
+    method = Method(steps=40, method="fo", optimizer="adamw", lr=3e-3, batch_size=8, seed=3, weight_decay=0.01,
+                    micro_batch=micro_batch)
     policy = RunPolicy(threads=1, progress=False)
     ref = train(bundle, sentiment_files["train"], tmp_path / "ref", method, policy, eval_path=sentiment_files["dev"])
     assert ref["final_eval"]["loss"] < ref["initial_eval"]["loss"] - 0.1

@@ -12,6 +12,7 @@ from conftest import EXPORTS, LABELS, TEMPLATE
 
 from pocketzo.errors import BundleError, ExportError
 from pocketzo.export import ExportConfig, export_bundle, gradients
+from pocketzo.export.backward_gate import every_node
 from pocketzo.export.gradient_parity import TOLERANCE, check_gradients
 from pocketzo.export.loading import load_model
 from pocketzo.export.tracing import WEIGHT_MIN_BYTES, tensor_bytes
@@ -74,10 +75,45 @@ def test_gradients_match_autograd(name, bundles):
 @pytest.mark.parametrize("name", KINDS)
 def test_gradient_graph_uses_default_domain_operators_only(name, bundles):
     _, grad = _graphs(bundles(name))
-    assert {n.domain for n in grad.graph.node} <= {"", "ai.onnx"}
+    nodes = list(every_node(grad.graph))
+    assert len(nodes) > len(grad.graph.node)  # the backward branch is walked too
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}
     assert {o.domain for o in grad.opset_import} <= {"", "ai.onnx"}
     assert not grad.functions
     ort.InferenceSession(str(bundles(name) / "gradients.onnx"), providers=["CPUExecutionProvider"])  # the pip wheel
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """The names a (sub)graph reads that it does not make itself."""
+    made = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    reads = {i for n in graph.node for i in n.input}
+    for node in graph.node:
+        reads |= {r for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for r in _outer_reads(a.g)}
+    return reads - made
+
+
+@pytest.mark.parametrize("name", ["llama-norms-grad", "opt-lora-causal-grad", "bert-bitfit-grad"])
+def test_the_backward_holds_no_forward_value_made_from_weights_alone(name, bundles):
+    """Every forward value the backward branch reads depends on the batch: a view of a frozen weight (the
+    forward's Transpose(W)) would be kept alive through the step as a second copy of the weight; the branch
+    makes its own where it needs one, and a transpose undone by another reads the weight itself."""
+    graph = _graphs(bundles(name))[1].graph
+    gate = next(n for n in graph.node if n.op_type == "If")
+    frozen = {i.name for i in graph.initializer}
+    weight_only = set()
+    for node in graph.node:
+        if node.op_type == "Constant":
+            frozen.update(node.output)
+        elif node.input and all(i in frozen or i in weight_only for i in node.input if i):
+            weight_only.update(node.output)
+    reads = _outer_reads(gate.attribute[0].g) | _outer_reads(gate.attribute[1].g)
+    assert any(r in frozen for r in reads)  # the branch reads frozen weights directly ...
+    assert not reads & weight_only  # ... and no view of them the forward made
+    branch = gate.attribute[0].g if gate.attribute[0].name == "then_branch" else gate.attribute[1].g
+    made = {o: n for n in branch.node for o in n.output}
+    assert not [n.name for n in branch.node if n.op_type == "Transpose" and n.input[0] in made
+                and made[n.input[0]].op_type == "Transpose"
+                and made[n.input[0]].input[0] in frozen]  # Transpose(Transpose(W)) is W
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -159,6 +195,34 @@ def test_ort_format_gradient_graph_is_checked_and_preferred(bundles):
     assert a == pytest.approx(b, abs=1e-6) and fa == pytest.approx(a, abs=1e-6) and fb == pytest.approx(b, abs=1e-6)
     np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
     assert np.abs(ga).max() > 0
+
+
+@pytest.mark.parametrize("name", ["llama-classify-grad", "opt-lora-causal-grad"])
+def test_micro_batches_add_up_to_the_whole_batch(name, bundles):
+    """--micro-batch: the parts' losses, gradients and per-row outputs, weighted by each part's share of the
+    loss, are those of one run over the whole batch. The causal LM's rows have 1 to 7 labelled next tokens, so
+    weighting its parts by rows instead of tokens would miss by far more than the tolerance."""
+    from pocketzo.runtime.gradient_session import GradientSession
+    from pocketzo.runtime.session import FlatParameters, SessionConfig
+
+    bundle = Bundle(bundles(name))
+    params = FlatParameters.from_bundle(bundle)
+    rng = np.random.default_rng(3)
+    params.buffer[:] += rng.normal(0, 0.05, params.buffer.shape).astype(np.float32)  # LoRA's B away from zero
+    ids = rng.integers(6, 20, (7, 9))
+    mask = (np.arange(9) < np.arange(2, 9)[:, None]).astype(np.int64)  # row i holds i + 2 tokens
+    labels = rng.integers(0, 2, (7,)) if bundle.task.kind == "classify" else np.where(mask == 1, ids, -100)
+    outputs = ("loss", "example_loss")
+    results = []
+    for micro_batch in (0, 3):
+        session = GradientSession(bundle, SessionConfig(threads=1), params, micro_batch)
+        loss = session.backward(ids, mask, labels)
+        results.append((loss, session.gradient.buffer.copy(), session.run(ids, mask, labels, outputs)))
+    (loss, gradient, forward), (part_loss, part_gradient, part_forward) = results
+    assert part_loss == pytest.approx(loss, rel=1e-6) and float(part_forward["loss"]) == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(part_forward["example_loss"], forward["example_loss"], rtol=1e-6)
+    assert np.abs(gradient).max() > 0
+    np.testing.assert_allclose(part_gradient, gradient, rtol=1e-4, atol=1e-6 * np.abs(gradient).max())
 
 
 def _initial(bundle):

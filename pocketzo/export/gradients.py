@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from pocketzo.errors import ExportError
 from pocketzo.export.adapters import layer_index
+from pocketzo.export.backward_gate import default_domain_only, gate_backward
 from pocketzo.export.gradient_parity import (
     PREFIX,
     TOLERANCE,
@@ -50,7 +51,6 @@ from pocketzo.export.gradient_parity import (
 )
 from pocketzo.export.tracing import canonical_names, lift_trainable, save_graph
 from pocketzo.runtime.manifest import FILE_NAMES
-from pocketzo.runtime.manifest import GRADIENT_SWITCH as SWITCH
 
 GRADIENT_MODEL = FILE_NAMES["gradient_model"]
 
@@ -207,14 +207,6 @@ def _signature(values: Iterable[onnx.ValueInfoProto]) -> list[tuple[str, int, tu
              tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
 
 
-def default_domain_only(model: onnx.ModelProto) -> None:
-    """Refuse operators outside the default ONNX domain (e.g. com.microsoft): a phone's build may lack them."""
-    other = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if other or model.functions:
-        found = other or [f.name for f in model.functions]
-        raise ExportError(f"the gradient graph uses operators outside the default ONNX domain: {found[:5]}")
-
-
 def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainable: list[str],
                      random_values: dict[str, np.ndarray], exact: list[str] | None = None,
                      tolerance: float = TOLERANCE) -> dict[str, Any]:
@@ -245,7 +237,7 @@ def export_gradients(bundle_dir: Path, head: nn.Module, sample: Sample, trainabl
         raise ExportError(f"--gradients: the gradient graph does not use {sorted(set(trainable) - set(lifted))}")
     _name_outputs(proto.graph, _contract_outputs(proto.graph, head, exact, targets))
     _match_inputs(proto.graph, onnx.load(bundle_dir / FILE_NAMES["model"], load_external_data=False).graph)
-    _gate_backward(proto.graph, head.outputs)
+    gate_backward(proto.graph, head.outputs)
     default_domain_only(proto)
     save_graph(proto, bundle_dir / GRADIENT_MODEL, shared=bundle_dir / FILE_NAMES["model"])
     del proto
@@ -295,56 +287,6 @@ def _contract_outputs(graph: onnx.GraphProto, head: nn.Module, exact: list[str],
     params = named(head)
     return ([(name, value, None) for name, value in zip(head.outputs, values, strict=False)]
             + [(PREFIX + n, value_of.get(n), tuple(params[n].shape)) for n in exact])
-
-
-def _gate_backward(graph: onnx.GraphProto, forward_outputs: tuple[str, ...]) -> None:
-    """Move every node the forward outputs do not need into the then-branch of one If on the boolean
-    input ``compute_gradients``: fed false, ONNX Runtime runs the forward alone (it does not prune a graph
-    to the requested outputs) and every gradient output is empty, so one session both trains and
-    evaluates. The branch reads the forward's values from the outer scope. The input has no default
-    (an initializer would be): onnxruntime 1.2x's IOBinding cannot bind an overridable initializer."""
-    producer = {o: node for node in graph.node for o in node.output}
-    needed: set[int] = set()
-    stack = list(forward_outputs)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(node.input)
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        raise ExportError("the gradient graph already has subgraphs (If / Loop); cannot gate its backward pass")
-    forward = [n for n in graph.node if id(n) in needed]
-    backward = [n for n in graph.node if id(n) not in needed]
-    grads = [o.name for o in graph.output if o.name not in forward_outputs]
-    inner = {g: "then/" + g for g in grads}  # a branch may not reuse the names of the If's outputs
-    for node in backward:
-        node.input[:] = [inner.get(i, i) for i in node.input]
-        node.output[:] = [inner.get(o, o) for o in node.output]
-    made = {o for node in backward for o in node.output}
-    moved = [v for v in graph.value_info if v.name in made]
-    kept = [v for v in graph.value_info if v.name not in made]
-    float_out = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in grads]
-    then = onnx.helper.make_graph(backward, "backward", [], [_renamed(v, inner[v.name]) for v in float_out],
-                                  value_info=moved)
-    empty = onnx.numpy_helper.from_array(np.zeros((0,), np.float32))
-    skip = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["else/" + g], value=empty) for g in grads],
-                                  "no_backward", [], [_renamed(v, "else/" + v.name) for v in float_out])
-    gate = onnx.helper.make_node("If", [SWITCH], grads, name="backward_gate", then_branch=then, else_branch=skip)
-    del graph.node[:]
-    graph.node.extend([*forward, gate])
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
-    for out in graph.output:  # empty when not computed: the shape is the tensor's or (0,)
-        if out.name in inner:
-            out.type.tensor_type.ClearField("shape")
-    graph.input.append(onnx.helper.make_tensor_value_info(SWITCH, onnx.TensorProto.BOOL, []))
-
-
-def _renamed(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
-    copy = onnx.ValueInfoProto()
-    copy.CopyFrom(info)
-    copy.name = name
-    return copy
 
 
 def _without_gradient(head: nn.Module, sample: Sample, trainable: list[str]) -> list[str]:

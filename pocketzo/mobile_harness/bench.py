@@ -64,6 +64,7 @@ class BenchConfig:
     warmup: int = 2
     recipe: str = ZO_DEFAULT  # the training method whose step is timed (pocketzo train --recipe)
     perturbation: Distribution = "rademacher"
+    micro_batch: int = 0  # fo / hybrid recipes: rows per gradient-graph run (pocketzo train --micro-batch)
     cpu_mem_arena: bool = True  # ONNX Runtime's CPU arena, in both sessions; off saves memory, costs a little speed
     split: bool = True  # train on a split bundle's trunk and head (false: on its whole loss graph)
     map_weights: bool = True  # the training session leaves float32 weights mapped from the bundle (SessionConfig)
@@ -72,8 +73,8 @@ class BenchConfig:
     version: int = BENCH_VERSION
 
     def __post_init__(self) -> None:
-        if min(self.batch_size, self.seq_len, self.steps) < 1 or self.warmup < 0 or self.threads < 0:
-            raise ValueError("batch_size, seq_len and steps must be >= 1; warmup and threads >= 0")
+        if min(self.batch_size, self.seq_len, self.steps) < 1 or min(self.warmup, self.threads, self.micro_batch) < 0:
+            raise ValueError("batch_size, seq_len and steps must be >= 1; warmup, threads and micro_batch >= 0")
         if self.perturbation not in ("rademacher", "gaussian"):
             raise ValueError("perturbation must be rademacher or gaussian")
         if self.recipe not in RECIPES:
@@ -152,7 +153,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         out.update(_stats("forward", _timed(lambda: sess.run(["loss"], feed), cfg.steps, cfg.warmup)))
     else:
         method = Method(**{"steps": cfg.steps + cfg.warmup, **RECIPES[cfg.recipe], "lr": 0.0,
-                           "perturbation": cfg.perturbation})
+                           "perturbation": cfg.perturbation, "micro_batch": cfg.micro_batch})
         # fo / hybrid: the gradient graph, forward alone
         session = open_session(bundle, session_config, method, split=cfg.split)
         out["load_s"] = time.perf_counter() - t0

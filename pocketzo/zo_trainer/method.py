@@ -43,6 +43,11 @@ class Method:
     method: Order = "zo"
     optimizer: Optimizer = "sgd"  # fo: sgd (with --momentum) or adamw (betas 0.9, 0.999); zo: sgd and its options
     grad_clip: float = 0.0  # fo, hybrid: clip the exact gradient's global L2 norm to this (0: off)
+    # fo, hybrid: run the gradient graph over at most this many rows at a time and sum the parts' gradients, each
+    # weighted by its share of the batch's loss (0: the whole batch at once). The backward pass keeps every
+    # layer's activations, so its memory follows these rows; the sum differs from the whole batch's gradient
+    # by float32 rounding, so it is part of the method (a resumed run keeps it).
+    micro_batch: int = 0
     lr: float = 1e-4
     eps: float = 1e-3
     batch_size: int = 16
@@ -92,6 +97,9 @@ class Method:
             (self.method in ("zo", "fo", "hybrid"), "method must be zo, fo or hybrid"),
             (self.optimizer in ("sgd", "adamw"), "optimizer must be sgd or adamw"),
             (self.grad_clip >= 0 and math.isfinite(self.grad_clip), "grad_clip must be a finite number >= 0"),
+            (self.micro_batch >= 0, "micro_batch must be >= 0 (0: the whole batch)"),
+            (self.method != "zo" or not self.micro_batch, "--micro-batch splits the gradient graph's batch: it needs "
+             "--method fo or hybrid"),
             (self.method != "zo" or (self.optimizer == "sgd" and not self.grad_clip), "--optimizer adamw and "
              "--grad-clip need --method fo or hybrid (ZO's Adam-like rule is --adaptive)"),
             (self.method != "fo" or not (self.directions != 1 or self.estimator != "two-sided"),

@@ -202,7 +202,7 @@ def open_session(bundle: Bundle, config: SessionConfig, method: Method,
         return TrainingSession(bundle, config, params)
     if bundle.manifest.slots > 1:
         raise ValueError(f"--method {method.method} trains one copy of the weights: export the bundle without --slots")
-    return GradientSession(bundle, config, params)
+    return GradientSession(bundle, config, params, method.micro_batch)
 
 
 def hybrid_split(session: GradientSession) -> int:

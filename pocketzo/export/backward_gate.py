@@ -5,7 +5,7 @@ The If's then-branch reads the forward's values from the outer scope, and ONNX R
 alive until the If has run. For activations that is the price of a backward pass; for values the forward
 derives from frozen weights alone it is a full copy of the weights held for nothing. The joint graph
 transposes every linear weight for the forward (``Transpose(W)``) and transposes that again in the
-backward, so SmolLM2's gradient graph held 211 transposed weights (about 430 MB) through every step.
+backward, so SmolLM2's gradient graph held 211 transposed weights (538 MB, all of them) through every step.
 ``gate_backward`` therefore gives the branch its own copies of such weight views, recomputed where they are
 used (a Transpose of a Transpose that undoes it reads the weight itself), and the forward's Transpose has
 its MatMul as sole reader, which ONNX Runtime fuses away.

@@ -252,3 +252,18 @@ def test_hybrid_training_learns_resumes_bit_for_bit_and_needs_a_cut_graph(bundle
         train(bundle.path, sentiment_files["train"], tmp_path / "fo", Method(steps=1, method="fo"), policy)
     with pytest.raises(ValueError, match="nothing to estimate"):
         train(bundles("llama-norms-grad"), sentiment_files["train"], tmp_path / "h", method, policy)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 4])
+def test_a_first_order_run_over_the_memory_budget_suggests_a_micro_batch(micro_batch, bundles, sentiment_files,
+                                                                          tmp_path):
+    """The backward's activations follow the rows of a gradient-graph run: the refusal names --micro-batch
+    unless the run already splits its batch that finely."""
+    from pocketzo.errors import PocketzoError
+    from pocketzo.zo_trainer import RunPolicy, train
+
+    with pytest.raises(PocketzoError, match="more than --memory-budget 20M") as refused:
+        train(bundles("llama-classify-grad"), sentiment_files["train"], tmp_path / "run",
+              Method(steps=1, method="fo", micro_batch=micro_batch), RunPolicy(threads=1, progress=False,
+                                                                               memory_budget="20M"))
+    assert ("try --micro-batch 4" in str(refused.value)) == (micro_batch == 0)

@@ -85,9 +85,12 @@ def check_memory(session: Session, data: Dataset, method: Method, policy: RunPol
     estimate = peak_rss_mb() + (trainer_bytes + cached) / 1e6
     if estimate > limit_mb:
         cache = f" + {cached / 1e6:,.0f} MB of trunk cache" if cached else ""
+        # the backward's activations follow the rows of one gradient-graph run (docs/memory.md)
+        split = ("--micro-batch 4 (or fewer rows), " if method.first_order and not 0 < method.micro_batch <= 4
+                 else "")
         raise PocketzoError(f"this run needs about {estimate:,.0f} MB (weights + a probe batch of {rows} x "
                             f"{b.input_ids.shape[1]} tokens + {trainer_bytes / 1e6:,.0f} MB of optimizer state and "
-                            f"buffers{cache}), more than --memory-budget {policy.memory_budget}; lower "
+                            f"buffers{cache}), more than --memory-budget {policy.memory_budget}; try {split}lower "
                             "--batch-size/--eval-batch-size, train fewer tensors, or use a smaller model")
     return {"estimated_peak_mb": estimate, "trainer_mb": trainer_bytes / 1e6, "trunk_cache_mb": cached / 1e6,
             "budget_mb": limit_mb}

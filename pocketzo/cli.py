@@ -29,6 +29,10 @@ TRAIN_HELP = {
     "sparsity": "fraction of each tensor never perturbed (its largest-magnitude weights); one float32 per weight",
     "curvature": "EMA rate of a diagonal curvature estimate scaling the directions (HiZOO-like; needs "
                  "--perturbation gaussian; one float32 per weight and one more forward per step)",
+    "schedule": "the lr after warm-up: constant; linear or cosine decay to 0 at --steps; inverse-time: lr for "
+                "--hold-steps steps, then lr hold/step, which needs no horizon (a run stopped at any time has "
+                "annealed as far as it got)",
+    "hold_steps": "--schedule inverse-time: steps at the full lr before it falls as 1/step",
     "eps_end": "decay eps linearly to this over the run (0: constant eps)",
     "directions": "q directions per step, averaged (a bundle with P slots: 1 = as many as one run holds)",
     "method": "zo: forward passes only, memory of inference; fo: exact gradients from the bundle's gradient graph "

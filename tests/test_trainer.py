@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -242,6 +243,15 @@ def test_non_finite_loss_undoes_the_step(bundles, sentiment_files):
 def test_lr_schedules(schedule, expected):
     cfg = Method(steps=6, lr=1.0, schedule=schedule, warmup_steps=2)
     np.testing.assert_allclose([cfg.lr_at(s) for s in range(5)], expected)
+
+
+def test_inverse_time_holds_then_falls_without_a_horizon():
+    cfg = Method(steps=10, lr=1.0, schedule="inverse-time", hold_steps=4)
+    np.testing.assert_allclose([cfg.lr_at(s) for s in (0, 3, 4, 15, 99)], [1, 1, 0.8, 0.25, 0.04])
+    assert cfg.lr_at(10_000) > 0  # past --steps it goes on falling, never to 0 (the run's length is not used)
+    assert replace(cfg, steps=1000).lr_at(99) == cfg.lr_at(99)
+    with pytest.raises(ValueError, match="inverse-time needs --hold-steps"):
+        Method(steps=10, schedule="inverse-time")
 
 
 def test_sampler_is_seeded_and_covers_each_epoch():

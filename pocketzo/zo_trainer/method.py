@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pocketzo.zo_trainer.noise import CHUNK_ELEMENTS, Distribution
 
-Schedule = Literal["constant", "linear", "cosine"]
+Schedule = Literal["constant", "linear", "cosine", "inverse-time"]
 EstimatorKind = Literal["two-sided", "one-sided"]
 Order = Literal["zo", "fo", "hybrid"]
 Optimizer = Literal["sgd", "adamw"]
@@ -34,7 +34,8 @@ class Method:
 
     The estimator (``estimator``, ``directions``, ``curvature``), the perturbation (``perturbation``,
     ``sparsity``) and the update rule (``momentum``, ``adaptive``, ``sign``, ``weight_decay``) compose
-    freely; what each costs is in ``updates`` and docs/accuracy.md. The defaults are plain ZO-SGD (MeZO).
+    freely; what each costs is in ``updates`` and docs/archive/accuracy-per-forward.md. The defaults are plain
+    ZO-SGD (MeZO).
     """
 
     steps: int
@@ -67,6 +68,10 @@ class Method:
     weight_decay: float = 0.0  # decoupled; only tensors with decay=True in the manifest (matrices)
     schedule: Schedule = "constant"
     warmup_steps: int = 0
+    # inverse-time: the lr holds for this many steps, then falls as 1/step (the sum of the lrs grows without
+    # bound, the sum of their squares does not: Robbins-Monro). It needs no horizon, so a run stopped at any step
+    # (a time budget, a phone's battery) has annealed as far as it got
+    hold_steps: int = 0
     noise_chunk: int = CHUNK_ELEMENTS  # recorded so that a replay can refuse noise it cannot regenerate
     version: int = METHOD_VERSION
 
@@ -77,7 +82,11 @@ class Method:
             (self.eps > 0 and math.isfinite(self.eps), "eps must be a finite number > 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.perturbation in ("rademacher", "gaussian"), "perturbation must be rademacher or gaussian"),
-            (self.schedule in ("constant", "linear", "cosine"), "schedule must be constant, linear or cosine"),
+            (self.schedule in ("constant", "linear", "cosine", "inverse-time"),
+             "schedule must be constant, linear, cosine or inverse-time"),
+            (self.hold_steps >= 0, "hold_steps must be >= 0"),
+            (self.schedule != "inverse-time" or self.hold_steps >= 1, "--schedule inverse-time needs --hold-steps N "
+             "(N >= 1): the steps at the full lr"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.weight_decay < 1, "weight_decay must be in [0, 1)"),
@@ -117,11 +126,14 @@ class Method:
         ])
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of 0-based ``step``: linear warm-up, then the schedule's decay to 0."""
+        """Learning rate of 0-based ``step``: linear warm-up, then the schedule's decay (to 0 at ``steps`` for
+        linear and cosine; inverse-time: lr until ``hold_steps``, then lr hold_steps / (step + 1))."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.schedule == "constant":
             return self.lr
+        if self.schedule == "inverse-time":
+            return self.lr * min(1.0, self.hold_steps / (step + 1))
         span = max(1, self.steps - self.warmup_steps)
         frac = min(1.0, (step - self.warmup_steps) / span)
         if self.schedule == "linear":

@@ -18,8 +18,11 @@ from pocketzo.runtime.manifest import Manifest
 GradientGraph = Literal["none", "top", "all"]  # what the bundle's gradient graph differentiates
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # ZO with a scalar second moment: lr is the step per weight, so one lr serves every trainable set
-    "best": {"adaptive": True, "lr": 1e-3},
+    # ZO with a scalar second moment: lr is the step per weight, so one lr serves every trainable set. The step
+    # does not shrink as the loss flattens, so the lr must: held for 300 steps, then as 1/step, which needs no
+    # horizon (at a constant lr, rt's training loss rose after step 300 and its accuracy fell 81.0 -> 74.8 %
+    # from 5 to 15 minutes: docs/value.md)
+    "best": {"adaptive": True, "lr": 1e-3, "schedule": "inverse-time", "hold_steps": 300},
     # FZOO (Dang et al., 2025): q one-sided Rademacher directions sharing L(theta), the step divided by the spread
     # of the q losses; its 8 directions, lr as the step per weight, as in "best"
     "fzoo": {"estimator": "one-sided", "directions": 8, "normalize": True, "lr": 1e-3},

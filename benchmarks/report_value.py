@@ -8,6 +8,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import value_targets
+
 METRICS = {"rt": ("accuracy", "auc"), "tweets": ("macro_f1", "accuracy", "auc"), "hamlet": ("perplexity",)}
 PERCENT = {"accuracy", "macro_f1"}  # shown in %; AUC and perplexity as they are
 READINGS = (5, 15, 60)
@@ -234,6 +236,10 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
         figure.parent.mkdir(exist_ok=True)
         if _curves(task, rows, runs, figure):
             out += [f"![{task}: score against training minutes](img/{figure.name})", ""]
+    targets = value_targets.lines(runs, rows)
+    if targets:
+        out += ["## Targets", "", "Each from the tables above (mean over the seeds run at that reading).", "",
+                *targets, ""]
     out += ["## Defaults", "", *_defaults(runs), ""]
     samples = _samples(runs)
     if samples:

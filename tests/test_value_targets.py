@@ -1,0 +1,47 @@
+"""docs/value.md's targets read from results (benchmarks/value_targets.py): the reading each is judged at."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import value_targets  # noqa: E402 (a benchmark script beside its results)
+from value import ROWS  # noqa: E402
+
+
+def _run(row: str, seed: int, readings: dict[int, float], ood: float = 0.8) -> dict:
+    return {"row": row, "seed": seed, "stages": [{"minutes": m, "eval": {"accuracy": a}, "ood": {"accuracy": ood}}
+                                                 for m, a in readings.items()]}
+
+
+def _untrained(row: str, accuracy: float, ood: float = 0.8) -> dict:
+    return {"row": row, "seed": 0, "eval": {"accuracy": accuracy}, "ood": {"accuracy": ood}}
+
+
+def _rt(fo: dict[int, float], *, fo_ood: float = 0.8) -> list[str]:
+    runs = {"rt-zero-shot": [_untrained("rt-zero-shot", 0.76)],
+            "rt-zero-shot-calibrated": [_untrained("rt-zero-shot-calibrated", 0.79)],
+            "rt-fo-adamw": [_run("rt-fo-adamw", s, fo, fo_ood) for s in (0, 1)],
+            "rt-zo-sgd": [_run("rt-zo-sgd", 0, {5: 0.80, 15: 0.81, 60: 0.77})],
+            "rt-best": [_run("rt-best", 0, {5: 0.79, 15: 0.78})]}
+    return value_targets.lines(runs, ROWS)
+
+
+def test_rt_is_met_by_the_best_mean_within_15_minutes_only():
+    assert "rt-fo-adamw 85.0 % at 15 min (2 seeds): **met**" in _rt({5: 0.82, 15: 0.85})[0]
+    assert "**not met**" in _rt({5: 0.82, 15: 0.83, 60: 0.90})[0]  # 60 minutes is past the budget
+    assert "rt-fo-adamw 84.0 % at 5 min (2 seeds): **met**" in _rt({5: 0.84, 15: 0.80})[0]
+
+
+def test_out_of_domain_names_the_row_that_dropped():
+    ok, dropped = _rt({5: 0.85}, fo_ood=0.795)[1], _rt({5: 0.85}, fo_ood=0.78)[1]
+    assert "no row dropped: **met**" in ok
+    assert "dropped: rt-fo-adamw at 5 min (2.0 points)" in dropped and "**not met**" in dropped
+
+
+def test_zo_alone_is_judged_against_zo_sgd_at_60_minutes_and_says_where_it_peaked():
+    line = _rt({5: 0.85})[2]
+    assert "ZO-SGD's 60-minute reading (77.0 %, 1 seed): rt-best 79.0 % at 5 min (1 seed): **met**" in line
+    assert "highest reading is 81.0 % at 15 min" in line

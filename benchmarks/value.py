@@ -20,6 +20,9 @@ Tasks (data from ``pocketzo assets``), SmolLM2-135M-Instruct:
     hamlet   LoRA causal LM on Hamlet's first 5,000 lines (batch 8 x 128), perplexity on the last 592, and
              greedy samples with the share of their lines that are a speaker's name (``personal_text``)
 
+Trainable sets besides the tasks' own, screened on rt with the two defaults (fo-adamw, best): LoRA of all 30
+layers, LoRA of the last 8, and prompt tuning (``value_rows.TRAINABLE``).
+
 Rows without training: ``zero-shot`` (the bundle's own weights) and, for classification,
 ``zero-shot-calibrated`` (``pocketzo eval --calibrate``: the label prior fitted on 64 training rows, the free
 baseline a fine-tune must beat). The fo and hybrid rows train the same weights with exact gradients from the
@@ -35,96 +38,18 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grid
 import personal_text
+from value_rows import QUICK, ROWS, TASKS, Row, bundle_of, export_flags
 
 from pocketzo._io import atomic_open
-from pocketzo.zo_trainer.recipes import DEFAULTS
 
 RESULTS = grid.ROOT / "benchmarks" / "value"
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
 REPORT = grid.ROOT / "docs" / "value.md"
-STEPS = 100_000  # never reached: the time budget stops the run
-HORIZON = ("--steps", str(STEPS))
-CONSTANT = ("--schedule", "constant", *HORIZON)  # the rows read at 5, 15, 60 minutes of one run keep their lr
-HYBRID = ["--gradient-layers", "8"]  # the gradient graph cut above the last 8 of 30 layers
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    bundle: str
-    export: tuple[str, ...]
-    batch_size: int
-    zo_lr: str  # ZO-SGD's lr on this trainable set
-    classify: bool = True
-
-
-NORMS = ("--trainable", r"norm\.weight$", "--gradients")
-TASKS = {t.name: t for t in (
-    Task("rt", "bundles/value-rt", ("--task", "classify", "--template", "Review: {text}\\nSentiment:", "--labels",
-                                    "negative,positive", "--max-length", "64", *NORMS), 16, "1e-4"),
-    Task("tweets", "bundles/value-tweets", ("--task", "classify", "--template",
-                                            "Tweet: {text}\\nSentiment (negative, neutral or positive):",
-                                            "--labels", "negative,neutral,positive", "--max-length", "96", *NORMS),
-         16, "1e-4"),
-    Task("hamlet", "bundles/value-hamlet", ("--task", "causal-lm", "--peft", "lora", "--max-length", "128",
-                                            "--gradients"), 8, "1e-3", classify=False),  # make demo-personal's
-)}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str  # <task>-<method>
-    task: str
-    what: str
-    flags: tuple[str, ...]  # pocketzo train flags; () for the rows without training
-    minutes: tuple[int, ...] = (5, 15)  # the readings (training minutes)
-    hybrid: bool = False  # on the task's bundle exported with HYBRID
-    pytorch: bool = False  # the ceiling: PyTorch AdamW of the same tensors (benchmarks/accuracy_backprop.py)
-
-    @property
-    def trains(self) -> bool:
-        return bool(self.flags)
-
-
-def _rows() -> dict[str, Row]:
-    rows = []
-    for t in TASKS.values():
-        rows.append(Row(f"{t.name}-zero-shot", t.name, "the exported model, no training", ()))
-        if t.classify:
-            rows.append(Row(f"{t.name}-zero-shot-calibrated", t.name, "zero-shot with the label prior fitted on 64 "
-                            "training rows (`pocketzo eval --calibrate`)", ()))
-        rows += [
-            Row(f"{t.name}-zo-sgd", t.name, f"ZO-SGD (MeZO), lr {t.zo_lr}, eps 1e-3: the baseline",
-                ("--recipe", "zo-sgd", "--lr", t.zo_lr, "--eps", "1e-3", *CONSTANT), (5, 15, 60)),
-            Row(f"{t.name}-best", t.name, "`--recipe best` (the ZO default: adaptive step, lr 1e-3 for 300 steps, "
-                "then falling as 1/step), eps 1e-3", ("--recipe", "best", "--eps", "1e-3", *HORIZON)),
-            Row(f"{t.name}-fzoo", t.name, "`--recipe fzoo`: 8 one-sided directions sharing L(theta), the step divided "
-                "by the spread of their losses (FZOO), lr 1e-3, eps 1e-3", ("--recipe", "fzoo", "--eps", "1e-3",
-                                                                             *CONSTANT)),
-            Row(f"{t.name}-fo-adamw", t.name, "exact gradients, AdamW lr 1e-3 (`--recipe fo-adamw`)",
-                ("--recipe", "fo-adamw", *CONSTANT)),
-        ]
-        if t.classify:
-            rows.append(Row(f"{t.name}-pytorch-adamw", t.name, "the ceiling: PyTorch backprop, AdamW lr 1e-3, of the "
-                            "same tensors on the same batches (benchmark only)", ("--lr", "1e-3"), pytorch=True))
-            rows.append(Row(f"{t.name}-hybrid-adamw", t.name, "exact gradients for the last 8 layers, one-sided ZO "
-                            "below, AdamW lr 1e-3 (`--recipe hybrid-adamw`)", ("--recipe", "hybrid-adamw", *CONSTANT),
-                            hybrid=True))
-    return {r.name: r for r in rows}
-
-
-ROWS = _rows()
-# the baseline and the recipe `pocketzo train` chooses for the rt bundle (it has a gradient graph)
-QUICK = ("rt-zero-shot", "rt-zero-shot-calibrated", "rt-zo-sgd", f"rt-{DEFAULTS['all']}")
-
-
-def bundle_of(row: Row) -> str:
-    return TASKS[row.task].bundle + ("-hybrid8" if row.hybrid else "")
 
 
 def ensure_inputs(row: Row) -> dict[str, Path]:
@@ -133,7 +58,7 @@ def ensure_inputs(row: Row) -> dict[str, Path]:
     data = grid.cache() / "data"
     if not (data / "rotten_tomatoes" / "train.jsonl").is_file() or not (data / "tweets" / "test.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "pocketzo", "assets"], cwd=grid.ROOT, check=True)
-    grid.ensure_inputs([(bundle_of(row), [*task.export, *(HYBRID if row.hybrid else [])])], WORK)
+    grid.ensure_inputs([(bundle_of(row), export_flags(row))], WORK)
     if task.name == "hamlet":
         return personal_text.ensure_files(WORK)
     files = {"train": data / ("rotten_tomatoes" if task.name == "rt" else task.name) / "train.jsonl"}

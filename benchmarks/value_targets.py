@@ -8,6 +8,7 @@ from collections import defaultdict
 
 WITHIN = 15  # minutes: the targets' budget
 UNTRAINED = 0  # the "reading" of a row without training: its one evaluation holds at every training time
+CONFIRMED = 3  # seeds: once a reading has this many, the targets are judged on such readings only
 
 
 def _means(runs: dict[str, list[dict]], name: str, get) -> dict[int, tuple[float, int]]:
@@ -22,9 +23,11 @@ def _means(runs: dict[str, list[dict]], name: str, get) -> dict[int, tuple[float
 
 
 def _best_within(runs: dict[str, list[dict]], names: list[str], get, minutes: int, higher: bool = True):
-    """(value, row, reading, seeds) of the best mean among ``names`` at readings up to ``minutes``, or None."""
+    """(value, row, reading, seeds) of the best mean among ``names`` at readings up to ``minutes``, or None; among
+    the readings with ``CONFIRMED`` seeds when there are any, so that one lucky seed cannot carry a target."""
     found = [(v, name, m, n) for name in names for m, (v, n) in _means(runs, name, get).items() if m <= minutes]
-    return (max if higher else min)(found, default=None, key=lambda x: x[0])
+    confirmed = [x for x in found if x[3] >= CONFIRMED]
+    return (max if higher else min)(confirmed or found, default=None, key=lambda x: x[0])
 
 
 def lines(runs: dict[str, list[dict]], rows: dict) -> list[str]:

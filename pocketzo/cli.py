@@ -138,10 +138,9 @@ def _desktop_only(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pocketzo.export import ExportConfig, export_bundle
 
-    # A shell cannot easily pass a newline: "\n" and "\t" in --template mean newline and tab.
-    template = _unescape(args.template) if args.template else None
-    export_bundle(args.model, args.out, _dataclass_from_args(ExportConfig, args, template=template),
-                  overwrite=args.overwrite)
+    # A shell cannot easily pass a newline: "\n" and "\t" in --template and --prompt-init mean newline and tab.
+    texts = {k: _unescape(getattr(args, k)) for k in ("template", "prompt_init") if getattr(args, k)}
+    export_bundle(args.model, args.out, _dataclass_from_args(ExportConfig, args, **texts), overwrite=args.overwrite)
     return 0
 
 
@@ -320,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(biases and norm weights)",
             "lora_targets": "comma-separated last name parts of the Linear layers LoRA adapts",
             "prompt_tokens": "virtual tokens of --peft prompt",
+            "prompt_init": "--peft prompt: the virtual tokens start as this text's token embeddings, repeated to fill "
+                           "--prompt-tokens (\\n = newline), e.g. 'The following is a movie review and its "
+                           "sentiment.'; default: randomly drawn vocabulary tokens",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 or int4 weight-only (block-wise MatMulNBits: the activations stay "
                         "float32; the embedding tables too, GatherBlockQuantized), or int8-dynamic (activations "

@@ -125,10 +125,31 @@ def test_slotted_training_learns_replays_and_resumes_bit_for_bit(bundles, sentim
     ({"peft": "bitfit", "slots": 2}, "slots"),
     ({"peft": "lora", "slots": 3}, "slots"),
     ({"peft": "lora", "lora_rank": 0}, "lora-rank"),
+    ({"peft": "lora", "prompt_init": "a review"}, "--prompt-init"),
+    ({"peft": "prompt", "prompt_init": "  "}, "--prompt-init"),
 ])
 def test_bad_adapter_options_are_refused(kw, match):
     with pytest.raises(ExportError, match=match):
         ExportConfig(task="causal-lm", **kw)
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_prompt_init_text_fills_the_virtual_tokens_with_its_embeddings(slots):
+    """--prompt-init: virtual token i starts as the embedding of the text's token i mod its length, in every slot;
+    without it, as embeddings of vocabulary tokens drawn by the seed."""
+    import torch
+
+    from pocketzo.export import adapters
+
+    table = torch.randn(50, 4)
+    net = torch.nn.Module()
+    net.get_input_embeddings = lambda: torch.nn.Embedding.from_pretrained(table)
+    init = adapters.prompt_init(net, 5, slots, seed=0, text_ids=[7, 3])
+    expected = table[torch.tensor([7, 3, 7, 3, 7])]
+    assert torch.equal(init, expected if slots == 1 else expected.expand(slots, 5, 4))
+    drawn = adapters.prompt_init(net, 5, 1, seed=0)
+    assert all(any(torch.equal(row, t) for t in table) for row in drawn)  # real token embeddings
+    assert not torch.equal(drawn, adapters.prompt_init(net, 5, 1, seed=1))
 
 
 def test_lora_targets_that_match_nothing_name_the_layers(tiny_models, tmp_path):

@@ -240,7 +240,7 @@ def _head(name, tiny_models):
     config = ExportConfig(task=task, template=template, labels=LABELS if task == "classify" else (),
                           trainable=trainable, max_length=32, **(more[0] if more else {}))
     net, tokenizer, head, _ = load_model(tiny_models[model], config)
-    wrapper, _ = exporter._wrap(net, head, exporter._task_spec(config, head, tokenizer), config)
+    wrapper, _ = exporter._wrap(net, head, exporter._task_spec(config, head, tokenizer), config, tokenizer)
     return wrapper
 
 

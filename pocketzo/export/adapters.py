@@ -87,10 +87,15 @@ def add_lora(net: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, 
     return names
 
 
-def prompt_init(net: nn.Module, tokens: int, slots: int, seed: int) -> torch.Tensor:
-    """Initial virtual tokens: embeddings of randomly drawn vocabulary tokens (a common prompt-tuning init)."""
+def prompt_init(net: nn.Module, tokens: int, slots: int, seed: int, text_ids: list[int] | None = None) -> torch.Tensor:
+    """Initial virtual tokens: the embeddings of ``text_ids`` repeated to fill ``tokens`` (``--prompt-init``), or of
+    randomly drawn vocabulary tokens. Both are real token embeddings; the text keeps the zero-shot model closer to
+    itself (docs/value.md measures the two)."""
     table = net.get_input_embeddings().weight.detach()  # (V, H)
-    ids = torch.randint(0, table.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
+    if text_ids:
+        ids = torch.tensor([text_ids[i % len(text_ids)] for i in range(tokens)])
+    else:
+        ids = torch.randint(0, table.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
     init = table[ids].clone()  # (k, H)
     return init.expand(slots, *init.shape).clone() if slots > 1 else init
 

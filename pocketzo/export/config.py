@@ -76,6 +76,7 @@ class ExportConfig:
     lora_alpha: float = 16.0  # the update is scaled by alpha / rank
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # last name part of the Linear layers to adapt
     prompt_tokens: int = 16  # --peft prompt: virtual tokens prepended to every row
+    prompt_init: str | None = None  # --peft prompt: start from this text's token embeddings (None: random tokens)
     slots: int = 1  # perturbation slots P (even, lora/prompt): one run evaluates P adapter values
     quantize: Quantize = "none"  # frozen MatMul weights: int8 / int4 weight-only, int8-dynamic (QuantRecipe)
     quant_block_size: int = 32  # int8, int4: weights per scale along K
@@ -115,6 +116,9 @@ class ExportConfig:
         if self.lora_rank < 1 or self.lora_alpha <= 0 or self.prompt_tokens < 1 or not self.lora_targets:
             raise ExportError("--lora-rank and --prompt-tokens must be >= 1, --lora-alpha > 0, and "
                               "--lora-targets must name at least one layer")
+        if self.prompt_init is not None and (self.peft != "prompt" or not self.prompt_init.strip()):
+            raise ExportError("--prompt-init gives the virtual tokens' starting text: it needs --peft prompt and a "
+                              "non-empty text")
         if self.slots != 1 and (self.slots < 2 or self.slots % 2 or self.peft not in ("lora", "prompt")):
             raise ExportError(f"--slots {self.slots}: perturbation slots need --peft lora or prompt and an even "
                               "number >= 2 (a +eps and a -eps slot per direction)")

@@ -86,7 +86,7 @@ def _first_trainable_layer(net: torch.nn.Module, config: ExportConfig) -> int | 
     return n_layers - config.trainable_layers
 
 
-def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportConfig):
+def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportConfig, tokenizer):
     """The loss head around ``net``, with the chosen adapters added; returns it and the manifest's adapter."""
     prompt, adapter = None, None
     if config.peft == "lora":
@@ -95,7 +95,8 @@ def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportCo
         adapter = {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
                    "targets": list(config.lora_targets)}
     elif config.peft == "prompt":
-        prompt = adapters.prompt_init(net, config.prompt_tokens, config.slots, config.seed)
+        text = config.prompt_init and tokenizer.encode(config.prompt_init, add_special_tokens=False)
+        prompt = adapters.prompt_init(net, config.prompt_tokens, config.slots, config.seed, text or None)
         adapter = {"method": "prompt", "tokens": config.prompt_tokens}
     elif config.peft == "bitfit":
         adapter = {"method": "bitfit"}
@@ -135,7 +136,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
     _say(f"loading {model}")
     net, tokenizer, head, source = load_model(model, config)
     task = _task_spec(config, head, tokenizer)
-    wrapper, adapter = _wrap(net, head, task, config)
+    wrapper, adapter = _wrap(net, head, task, config, tokenizer)
     trainable = _select(wrapper, config, head)
     # with P slots the rows are P equal groups: trace (and check parity) on the sample repeated P times
     sample = parity.sample_batch(task, len(tokenizer), config.seed, config.slots)

@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(biases and norm weights)",
             "lora_targets": "comma-separated last name parts of the Linear layers LoRA adapts",
             "prompt_tokens": "virtual tokens of --peft prompt",
-            "prompt_init": "--peft prompt: the virtual tokens start as this text's token embeddings, repeated to fill "
-                           "--prompt-tokens (\\n = newline), e.g. 'The following is a movie review and its "
+            "prompt_init": "--peft prompt: the virtual tokens start as this text's token embeddings, repeated or cut "
+                           "to fill --prompt-tokens (\\n = newline), e.g. 'The following is a movie review and its "
                            "sentiment.'; default: randomly drawn vocabulary tokens",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 or int4 weight-only (block-wise MatMulNBits: the activations stay "

@@ -83,7 +83,9 @@ def curves_figure(curves: dict[str, list[tuple[float, float]]], levels: dict[str
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, points) in enumerate(curves.items()):
         x, y = zip(*sorted(points), strict=True)
-        ax.plot(x, y, marker="o", ms=4, color=plt.cm.tab10(i % 10), label=name)
+        # past ten curves the colours repeat: another marker and line style tell them apart
+        ax.plot(x, y, marker="os^"[i // 10 % 3], ls=("-", "--", ":")[i // 10 % 3], ms=4, color=plt.cm.tab10(i % 10),
+                label=name)
     for j, (name, value) in enumerate(levels.items()):
         ax.axhline(value, color="#888", lw=1, ls=("--", ":", "-.")[j % 3], label=name)
     ax.set_xlabel("training minutes (this machine, 2 threads)")

@@ -1,19 +1,27 @@
-"""The ``pocketzo`` command line.
+"""The ``pocketzo`` command line: fine-tune language models on a phone with an inference runtime.
 
-Device commands (``train``, ``eval``) import only the device side; desktop commands
-(``assets``, ``export``) import torch/transformers lazily, inside their handlers.
-"""
+This module holds the flags (many of them one per field of a config dataclass) and the dispatch to the handlers
+in ``pocketzo.commands``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
-from pathlib import Path
 
 from pocketzo import __version__
+from pocketzo.commands import (
+    cmd_assets,
+    cmd_bench,
+    cmd_eval,
+    cmd_export,
+    cmd_generate,
+    cmd_merge,
+    cmd_replay,
+    cmd_train,
+    desktop_only,
+)
 from pocketzo.errors import PocketzoError, RunInterrupted
 
 _HIDDEN_METHOD_FIELDS = {"version", "noise_chunk"}
@@ -102,186 +110,6 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[s
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: object):
-    names = {f.name for f in dataclasses.fields(cls)}
-    try:
-        return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **overrides})
-    except ValueError as e:  # a config's own validation of user input
-        raise PocketzoError(f"bad option: {e}") from None
-
-
-def _unescape(text: str) -> str:
-    """\\n and \\t typed on a command line become a newline and a tab."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def cmd_assets(args: argparse.Namespace) -> int:
-    try:
-        from pocketzo.export.assets import prepare_assets
-    except ImportError:
-        return _desktop_only(args)
-
-    assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json, encoder=args.encoder)
-    if args.json:
-        print(json.dumps(assets.to_json(), indent=2))
-    else:
-        for k, v in assets.to_json().items():
-            print(f"{k:12s} {v}")
-    return 0
-
-
-def _desktop_only(args: argparse.Namespace) -> int:
-    raise PocketzoError(f"`pocketzo {args.command}` runs on the desktop: this copy of pocketzo has no exporter "
-                        "(install pocketzo[export] on a desktop and copy the bundle to the device)")
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from pocketzo.export import ExportConfig, export_bundle
-
-    # A shell cannot easily pass a newline: "\n" and "\t" in --template and --prompt-init mean newline and tab.
-    texts = {k: _unescape(getattr(args, k)) for k in ("template", "prompt_init") if getattr(args, k)}
-    export_bundle(args.model, args.out, _dataclass_from_args(ExportConfig, args, **texts), overwrite=args.overwrite)
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    try:
-        from pocketzo.export import merge
-    except ImportError:
-        return _desktop_only(args)
-
-    kw = {"bundle": Path(args.bundle) if args.bundle else None, "overwrite": args.overwrite}
-    base = Path(args.base) if args.base else None
-    if args.to_hf:
-        merge.to_hf(Path(args.run), Path(args.to_hf), base, **kw)
-    elif args.to_peft:
-        merge.to_peft(Path(args.run), Path(args.to_peft), **kw)
-    else:
-        merge.to_onnx(Path(args.run), Path(args.to_onnx), base, **kw)
-    return 0
-
-
-def _given(cls: type, args: argparse.Namespace) -> dict:
-    """The fields of ``cls`` given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from pocketzo.zo_trainer import RECIPES, Method, RunPolicy, resume, train
-
-    method_given = _given(Method, args)
-    policy_given = {**_given(RunPolicy, args), "progress": not args.quiet}
-    if args.resume:  # a resumed run compares only what is on the command line (a recipe's settings too)
-        if args.out and Path(args.out) != Path(args.resume):
-            raise PocketzoError("--out and --resume name different run directories; give one of them")
-        if hasattr(args, "recipe"):
-            method_given = {**RECIPES[args.recipe], **method_given}
-        try:
-            summary = resume(args.resume, policy_given, method_given, bundle_path=args.bundle, train_path=args.data)
-        except ValueError as e:  # a policy flag's own validation
-            raise PocketzoError(f"bad option: {e}") from None
-    else:
-        missing = [flag for flag, v in (("BUNDLE", args.bundle), ("--data", args.data), ("--out", args.out)) if not v]
-        if missing:
-            raise PocketzoError(f"a new run needs {', '.join(missing)} (or --resume RUN to continue one)")
-        if "steps" not in method_given:
-            raise PocketzoError("a new run needs --steps N")
-        # a new run starts from a recipe: the one named, or the one chosen for the bundle
-        recipe = args.recipe if hasattr(args, "recipe") else _chosen_recipe(args)
-        method_given = {**RECIPES[recipe], **method_given}
-        method = _dataclass_from_args(Method, argparse.Namespace(**method_given))
-        policy = _dataclass_from_args(RunPolicy, argparse.Namespace(**policy_given))
-        summary = train(args.bundle, args.data, args.out, method, policy, eval_path=args.eval,
-                        overwrite=args.overwrite)
-    keys = ("zero_shot_accuracy", "final_accuracy", "steps", "stopped_by", "train_seconds", "step_seconds_median",
-            "peak_rss_mb", "weights")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
-
-
-def _chosen_recipe(args: argparse.Namespace) -> str:
-    """The recipe for a new run that names none: from the bundle's gradient graph (or --method), said on stderr."""
-    from pocketzo.runtime import Bundle
-    from pocketzo.zo_trainer import choose_recipe, gradient_graph
-
-    choice = choose_recipe(gradient_graph(Bundle(args.bundle).manifest), getattr(args, "method", None))
-    settings = ", ".join(f"{k} {v}" for k, v in choice.settings.items()) or "ZO-SGD"
-    print(f"[train] recipe {choice.recipe} ({settings}): {choice.reason}; --recipe NAME overrides",
-          file=sys.stderr)
-    return choice.recipe
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from pocketzo.zo_trainer import replay_run
-
-    params = replay_run(args.bundle, args.log)
-    params.save(args.out, {"format": "pt", "producer": "pocketzo replay"})
-    print(json.dumps({"weights": args.out, "parameters": params.numel}))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
-    from pocketzo.runtime.data import TextEncoder
-    from pocketzo.zo_trainer import evaluate
-    from pocketzo.zo_trainer.evaluate import fit_label_prior
-    from pocketzo.zo_trainer.run import load_data
-
-    for flag, value in (("--batch-size", args.batch_size), ("--calibrate-rows", args.calibrate_rows)):
-        if value < 1:
-            raise PocketzoError(f"{flag} must be >= 1, got {value}")
-    session_config = _dataclass_from_args(SessionConfig, args)
-    bundle = Bundle(args.bundle)
-    if args.calibrate and bundle.task.kind != "classify":
-        raise PocketzoError(f"--calibrate: {bundle.path} is a {bundle.task.kind} bundle; a label prior needs classify")
-    encoder = TextEncoder(bundle)
-    data = load_data(encoder, args.data)
-    params = FlatParameters.from_bundle(bundle, args.weights)
-    session = TrainingSession(bundle, session_config, params)
-    offsets = fit_label_prior(session, load_data(encoder, args.calibrate), args.calibrate_rows) \
-        if args.calibrate else None
-    result = evaluate(session, data, args.batch_size, offsets).to_json()
-    if offsets is not None:
-        result["label_offsets"] = [float(x) for x in offsets]
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            shown = f"{v:.4f}" if isinstance(v, float) else ", ".join(f"{x:.3f}" for x in v) \
-                if isinstance(v, list | tuple) else v
-            print(f"{k:16s} {shown}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from pocketzo._io import write_json
-    from pocketzo.mobile_harness.bench import BenchConfig, run_bench
-
-    config = _dataclass_from_args(BenchConfig, args)
-    report = run_bench(args.bundle, config)
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        from pocketzo.plots import bench_figure  # desktop only: needs matplotlib
-
-        bench_figure(report, args.plot)
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from pocketzo.runtime.generate import GenerationConfig, Generator
-    from pocketzo.runtime.session import SessionConfig
-
-    config = _dataclass_from_args(GenerationConfig, args)
-    generator = Generator(args.directory, _dataclass_from_args(SessionConfig, args))
-    for piece in generator.generate(_unescape(args.prompt), **dataclasses.asdict(config)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from pocketzo.mobile_harness.bench import BenchConfig
     from pocketzo.mobile_harness.memory import PROFILES
@@ -308,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from pocketzo.export.config import ExportConfig
     except ImportError:  # a device copy of pocketzo without the desktop exporter
-        e.set_defaults(func=_desktop_only)
+        e.set_defaults(func=desktop_only)
     else:
         _add_dataclass_flags(e, ExportConfig, help={
             "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',

@@ -238,7 +238,8 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
             out += [f"![{task}: score against training minutes](img/{figure.name})", ""]
     targets = value_targets.lines(runs, rows)
     if targets:
-        out += ["## Targets", "", "Each from the tables above (mean over the seeds run at that reading).", "",
+        out += ["## Targets", "", "Each from the tables above: the mean over the seeds run at a reading, among the "
+                f"readings with {value_targets.CONFIRMED} seeds once there are any.", "",
                 *targets, ""]
     out += ["## Defaults", "", *_defaults(runs), ""]
     samples = _samples(runs)

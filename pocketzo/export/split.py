@@ -26,6 +26,7 @@ from torch import nn
 
 from pocketzo.errors import ExportError
 from pocketzo.export.adapters import INPUT_SIDE, layer_index
+from pocketzo.export.heads import base_model
 from pocketzo.export.tracing import canonical_names, lift_trainable, save_graph, trace_onnx
 from pocketzo.runtime.manifest import FILE_NAMES, HIDDEN, SplitSpec, ValueSpec
 
@@ -90,7 +91,7 @@ class _Trunk(nn.Module):
         self.head = head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head.net.base_model(**self.head._inputs(input_ids, attention_mask)).last_hidden_state
+        return base_model(self.head.net)(**self.head._inputs(input_ids, attention_mask)).last_hidden_state
 
 
 @contextlib.contextmanager
@@ -109,7 +110,7 @@ def _cut(wrapper: nn.Module, layer: int, part: str) -> Iterator[None]:
         swaps.append((owner, attr, layers[layer:]))
         swaps += [(owner, "embed_positions", _Zero())] if hasattr(owner, "embed_positions") else []
         swaps += [(owner, "project_in", None)] if getattr(owner, "project_in", None) is not None else []
-        base = net.base_model
+        base = base_model(net)
         swaps += [(base, "embeddings", _PassThrough())] if isinstance(getattr(base, "embeddings", None),
                                                                      nn.Module) else []
     saved = [(module, a, getattr(module, a)) for module, a, _ in swaps]

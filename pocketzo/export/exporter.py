@@ -207,12 +207,20 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
             if not recipe.weight_only:
                 _say("warning: int8-dynamic quantizes the activations at run time; ZO training through such a base "
                      "collapsed on the demo task (49.4 %, docs/modes.md): use it for inference, int8 for training")
+            elif recipe.mode == "int4":
+                _say("warning: 4 bits change the model: ZO estimates through an int4 base correlate 0.29-0.81 with "
+                     "float32's (int8: 0.997; docs/quantization.md); for ZO training prefer --quantize int8")
             stats = quantize_frozen(tmp / MODEL, recipe)
             if manifest.split:  # what the quantizer did to the trunk and the head, by file
                 stats["split"] = {graph: quantize_frozen(tmp / graph, recipe)
                                   for graph in manifest.split.file_names[:2]}
             manifest = _write_manifest(tmp, manifest)
-            error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
+            try:
+                error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
+            except ExportError as e:  # the graph was right in float32 (checked above): the recipe changed the model
+                raise ExportError(f"--quantize {config.quantize}: {str(e).split(';')[0].split(':')[-1].strip()}: "
+                                  "these quantized weights change the model too much; use --quantize int8, or keep "
+                                  "more weights at 8 bits (--quant-8bit)") from None
             manifest = Manifest(**{**manifest.__dict__, "export": {
                 **manifest.export, "quantized": {**stats, "parity": error}}})
             if manifest.split:

@@ -127,7 +127,10 @@ def test_eight_bit_base_keeps_the_loss(bundle, assets, tmp_path):
     manifest = export_bundle(assets.gemma3_dir, out, ExportConfig(
         task="classify", template=TEMPLATE, labels=("negative", "positive"), trainable=r"norm\.weight$",
         max_length=64, quantize="int8"))
-    assert (manifest.export["quantized"]["embedding_tables"], manifest.export["quantized"]["tied_tables"]) == (1, 1)
+    stats = manifest.export["quantized"]
+    # the table (tied to the LM head, read by two Gathers: the input embedding and the label rows) is stored once,
+    # in 8 bits: 8 bits and a float32 scale per 32 weights are 28 % of float32; a float32 copy left would be > 60 %
+    assert stats["embedding_tables"] == 1 and stats["file_bytes_after"] < 0.3 * stats["file_bytes_before"]
     b = TextEncoder(bundle).dataset(assets.dev).batch(range(16))
     fp32 = TrainingSession(bundle).run(b.input_ids, b.attention_mask, b.labels, ("example_loss",))["example_loss"]
     int8 = TrainingSession(Bundle(out)).run(b.input_ids, b.attention_mask, b.labels, ("example_loss",))["example_loss"]

@@ -190,6 +190,18 @@ def test_a_graph_without_frozen_matmuls_is_refused_untouched(bundles, tmp_path):
     assert (dst / "model.onnx").read_bytes() == before
 
 
+def test_a_recipe_that_changes_the_model_too_much_is_refused_with_what_to_use(tiny_models, tmp_path, monkeypatch):
+    """Gemma-3-270m over an int4 base: loss 1.11 against float32's 0.54, beyond the export's bound. The export
+    refuses, says that the recipe (not the architecture) is the cause and what to use instead, and leaves nothing."""
+    from pocketzo.export import exporter
+
+    monkeypatch.setattr(exporter, "QUANTIZED_TOLERANCE", 1e-9)  # the tiny model's int4 error (3e-4) is above it
+    with pytest.raises(ExportError, match=r"--quantize int4: the exported loss .* too much; use --quantize int8"):
+        export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(
+            task="causal-lm", trainable=r"norm", max_length=32, quantize="int4"))
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("mode, recipe, message", [
     ("int2", {}, "must be 'int8', 'int4' or 'int8-dynamic'"),
     ("int4", {"block_size": 24}, "power of two"),
@@ -246,7 +258,10 @@ def test_zo_training_through_an_8_bit_base_lowers_the_loss(tiny_models, sentimen
     bundle = tmp_path / "b"
     export_bundle(tiny_models["llama"], bundle, ExportConfig(task="classify", template=TEMPLATE, labels=LABELS,
                                                              trainable=r"norm", max_length=32, quantize="int8"))
-    assert Bundle(bundle).manifest.export["quantized"]["eight_bit"] == _linear_weights(tiny_models["llama"])
+    stats = Bundle(bundle).manifest.export["quantized"]
+    # a prompt classifier gathers its label rows from the LM head instead of multiplying by it: the head (tied to
+    # the embedding) is quantized as a table, every other Linear as a MatMul
+    assert (stats["eight_bit"], stats["embedding_tables"]) == (_linear_weights(tiny_models["llama"]) - 1, 1)
     summary = train(bundle, sentiment_files["train"], tmp_path / "run", Method(steps=40, lr=5e-2, eps=1e-2,
                                                                                 batch_size=8, seed=3),
                     RunPolicy(threads=1, progress=False), eval_path=sentiment_files["dev"])

@@ -86,7 +86,8 @@ class CausalLMLoss(_Head):
 class PromptClassifierLoss(_Head):
     """Prompt-based classification on a causal LM, as MeZO trains OPT (``train_as_classification``):
     class c scores the logit of label word c's first token at the last prompt position, and the
-    loss is the cross-entropy over those C scores. Only that one position goes through the LM head."""
+    loss is the cross-entropy over those C scores. Only that one position, and only the C label rows of the LM
+    head, are computed."""
 
     outputs = ("loss", "example_loss", "candidate_loss")
 
@@ -101,7 +102,15 @@ class PromptClassifierLoss(_Head):
         last = (attention_mask.sum(1) - 1).clamp(min=0)  # (N,) answer position
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (N, 1, H)
         h = hidden.gather(1, index).squeeze(1)  # (N, H)
-        scores = self.net.get_output_embeddings()(h).float()[:, self.label_token_ids]  # (N, C)
+        # Only the label words' rows of the LM head: Gemma-3's has 262,144, and over a quantized base ONNX Runtime
+        # would dequantize all of them at every forward (a 671 MB float32 copy) to score two.
+        lm_head = self.net.get_output_embeddings()
+        # F.embedding is an axis-0 Gather of the C rows, which the quantizer rewrites like the input embedding's;
+        # weight[ids] would export as a Transpose of the whole table (a 671 MB copy for Gemma-3) and a GatherND.
+        scores = h @ F.embedding(self.label_token_ids, lm_head.weight).T  # (N, C)
+        if getattr(lm_head, "bias", None) is not None:
+            scores = scores + lm_head.bias[self.label_token_ids]
+        scores = scores.float()
         candidate_loss = -F.log_softmax(scores, dim=-1)  # (N, C)
         example_loss = self._per_slot(candidate_loss.gather(1, labels.view(-1, 1)).squeeze(1))  # (N,) or (P, N/P)
         return example_loss.mean(-1), example_loss, self._per_slot(candidate_loss)

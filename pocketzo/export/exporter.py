@@ -215,12 +215,10 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                 stats["split"] = {graph: quantize_frozen(tmp / graph, recipe)
                                   for graph in manifest.split.file_names[:2]}
             manifest = _write_manifest(tmp, manifest)
-            try:
-                error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE)
-            except ExportError as e:  # the graph was right in float32 (checked above): the recipe changed the model
-                raise ExportError(f"--quantize {config.quantize}: {str(e).split(';')[0].split(':')[-1].strip()}: "
-                                  "these quantized weights change the model too much; use --quantize int8, or keep "
-                                  "more weights at 8 bits (--quant-8bit)") from None
+            # the graph was right in float32 (checked above): a mismatch now is the recipe changing the model
+            error = parity.check(tmp, reference, sample, QUANTIZED_TOLERANCE, cause=(
+                f"--quantize {config.quantize}: {{differs}}: these quantized weights change the model too much; "
+                "use --quantize int8, or keep more weights at 8 bits (--quant-8bit)"))
             manifest = Manifest(**{**manifest.__dict__, "export": {
                 **manifest.export, "quantized": {**stats, "parity": error}}})
             if manifest.split:

@@ -102,11 +102,10 @@ class PromptClassifierLoss(_Head):
         last = (attention_mask.sum(1) - 1).clamp(min=0)  # (N,) answer position
         index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # (N, 1, H)
         h = hidden.gather(1, index).squeeze(1)  # (N, H)
-        # Only the label words' rows of the LM head: Gemma-3's has 262,144, and over a quantized base ONNX Runtime
-        # would dequantize all of them at every forward (a 671 MB float32 copy) to score two.
+        # Only the label words' rows of the LM head (Gemma-3's has 262,144, which a quantized base would dequantize
+        # at every forward), gathered with F.embedding: an axis-0 Gather the quantizer rewrites like the input
+        # embedding's, where weight[ids] exports as a Transpose of the whole table and a GatherND.
         lm_head = self.net.get_output_embeddings()
-        # F.embedding is an axis-0 Gather of the C rows, which the quantizer rewrites like the input embedding's;
-        # weight[ids] would export as a Transpose of the whole table (a 671 MB copy for Gemma-3) and a GatherND.
         scores = h @ F.embedding(self.label_token_ids, lm_head.weight).T  # (N, C)
         if getattr(lm_head, "bias", None) is not None:
             scores = scores + lm_head.bias[self.label_token_ids]

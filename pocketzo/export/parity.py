@@ -83,26 +83,29 @@ def reference(wrapper: nn.Module, head: HeadKind, sample: Sample, task: TaskSpec
     return Reference(losses, random, _losses(net, head, sample, task, config, {**initial, **random}))
 
 
-def check(bundle_dir: Path, ref: Reference, sample: Sample, tolerance: float, split: bool = False) -> dict[str, Any]:
+def check(bundle_dir: Path, ref: Reference, sample: Sample, tolerance: float, split: bool = False,
+          cause: str | None = None) -> dict[str, Any]:
     """Run the bundle at its initial values and at ``ref.random_values``; raise ExportError on a mismatch.
-    ``split``: run its trunk and head graphs instead of the loss graph."""
+    ``split``: run its trunk and head graphs instead of the loss graph. ``cause``: the message of a mismatch, with
+    ``{differs}`` where the numbers go (default: the graph computes something else than the model)."""
     ids, mask, labels = (x.numpy() for x in sample)
     bundle, config = Bundle(bundle_dir), SessionConfig(threads=1)
     session = SplitSession(bundle, config) if split else TrainingSession(bundle, config)
     got = np.atleast_1d(session.run(ids, mask, labels)["loss"]).astype(np.float64)  # (slots,)
     result: dict[str, Any] = {"loss_onnx": float(got[0]), "loss_torch": float(ref.initial[0]),
-                              "abs_error": _compare(got, ref.initial, tolerance), "batch": list(ids.shape),
+                              "abs_error": _compare(got, ref.initial, tolerance, cause=cause), "batch": list(ids.shape),
                               "random_adapters": None}
     if ref.random is not None:
         for name, value in ref.random_values.items():
             session.params.views[name][...] = value
         got = np.atleast_1d(session.run(ids, mask, labels)["loss"]).astype(np.float64)
         result["random_adapters"] = {"loss_onnx": got.tolist(), "loss_torch": ref.random.tolist(),
-                                     "abs_error": _compare(got, ref.random, tolerance, len(ref.random_values))}
+                                     "abs_error": _compare(got, ref.random, tolerance, len(ref.random_values), cause)}
     return result
 
 
-def _compare(got: np.ndarray, want: np.ndarray, tolerance: float, random_tensors: int = 0) -> float:
+def _compare(got: np.ndarray, want: np.ndarray, tolerance: float, random_tensors: int = 0,
+             cause: str | None = None) -> float:
     """Largest error over the slots (``random_tensors``: how many adapter tensors hold random values).
 
     Relative above a loss of 1: a 30-layer fp32 model on random tokens (loss ~15) differs from
@@ -115,6 +118,8 @@ def _compare(got: np.ndarray, want: np.ndarray, tolerance: float, random_tensors
     k, slots = bad[0], len(want)
     differs = (f"the exported {f'slot {k} ' if slots > 1 else ''}loss {got[k]:.6f} differs from PyTorch's "
                f"{want[k]:.6f} by {err[k]:.2e} (> {bound[k]:.2g})")
+    if cause:
+        raise ExportError(cause.format(differs=differs))
     if not random_tensors:
         raise ExportError(f"{differs}; this architecture is not supported as exported")
     values = f"{random_tensors} tensors" + (f", different in each of the {slots} slots" if slots > 1 else "")

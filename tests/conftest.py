@@ -94,6 +94,8 @@ EXPORTS = {
     "llama-lora-slots": ("llama", "classify", TEMPLATE, "all", {"peft": "lora", "lora_rank": 4, "slots": 4}),
     "opt-lora-causal": ("opt", "causal-lm", None, "all", {"peft": "lora", "lora_rank": 4}),
     "llama-prompt-slots": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3, "slots": 2}),
+    "llama-prompt-text": ("llama", "classify", TEMPLATE, "all", {"peft": "prompt", "prompt_tokens": 3,
+                                                                 "prompt_init": "a short review"}),
     "bert-bitfit": ("bert", "classify", None, "all", {"peft": "bitfit"}),
     "bert-lora": ("bert", "classify", None, "all",
                   {"peft": "lora", "lora_rank": 4, "lora_targets": ("query", "value")}),  # + the new head

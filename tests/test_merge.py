@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from conftest import EXPORTS
 
 from pocketzo.errors import ExportError
@@ -94,6 +97,28 @@ def test_to_peft_loads_onto_the_original_model(name, bundles, trained, tiny_mode
     original = AutoModelForCausalLM.from_pretrained(tiny_models[EXPORTS[name][0]], attn_implementation="eager")
     net = PeftModel.from_pretrained(original, tmp_path / "adapter")
     got = _hf_loss(net, bundle, batch)
+    assert got == pytest.approx(_pocketzo_loss(bundle, run, batch), abs=1e-4)
+
+
+def test_to_peft_prompt_tuning_loads_onto_the_original_model(bundles, trained, tiny_models, sentiment_files,
+                                                              tmp_path):
+    """The trained virtual tokens reproduce the loss under PEFT, and the adapter says which text they started as."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, bundle = trained("llama-prompt-text"), bundles("llama-prompt-text")
+    batch = _batch(bundle, sentiment_files)
+    merge.to_peft(run, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["prompt_tuning_init"], config["prompt_tuning_init_text"]) == ("TEXT", "a short review")
+    original = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], attn_implementation="eager")
+    net = PeftModel.from_pretrained(original, tmp_path / "adapter").eval()
+    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+    with torch.no_grad():
+        logits = net(input_ids=ids, attention_mask=mask).logits  # (B, k + T, V): PEFT puts the k tokens first
+    last = config["num_virtual_tokens"] + mask.sum(1) - 1
+    answer = logits[torch.arange(len(ids)), last][:, list(Bundle(bundle).task.label_token_ids)]
+    got = float(F.cross_entropy(answer.float(), torch.from_numpy(batch.labels)))
     assert got == pytest.approx(_pocketzo_loss(bundle, run, batch), abs=1e-4)
 
 

@@ -97,7 +97,7 @@ def _wrap(net: torch.nn.Module, head: HeadKind, task: TaskSpec, config: ExportCo
     elif config.peft == "prompt":
         text = config.prompt_init and tokenizer.encode(config.prompt_init, add_special_tokens=False)
         prompt = adapters.prompt_init(net, config.prompt_tokens, config.slots, config.seed, text or None)
-        adapter = {"method": "prompt", "tokens": config.prompt_tokens}
+        adapter = {"method": "prompt", "tokens": config.prompt_tokens, "init_text": config.prompt_init}
     elif config.peft == "bitfit":
         adapter = {"method": "bitfit"}
     kw = {"prompt": prompt, "slots": config.slots}

@@ -159,6 +159,9 @@ def to_peft(run: Path, out: Path, bundle: Path | None = None, overwrite: bool = 
         config = {**common, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": k, "token_dim": hidden,
                   "num_transformer_submodules": 1, "num_attention_heads": r.config.get("num_attention_heads"),
                   "num_layers": r.config.get("num_hidden_layers"), "prompt_tuning_init": "RANDOM"}
+        if m.adapter.get("init_text"):  # PEFT reads these for provenance only: a loaded adapter keeps its tensor
+            config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=m.adapter["init_text"],
+                          tokenizer_name_or_path=m.source.get("name"))
         tensors = {"prompt_embeddings": r.trained["prompt_embeddings"]}
     else:
         raise ExportError(f"the run trained {r.adapter!r}, not an adapter; use --to-hf for a full model")

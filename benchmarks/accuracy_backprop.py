@@ -39,8 +39,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from pocketzo.export.heads import PromptClassifierLoss, SequenceClassifierLoss
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
+from pocketzo.zo_trainer.batches import BatchSampler
 from pocketzo.zo_trainer.evaluate import label_auc, macro_f1
-from pocketzo.zo_trainer.run import BatchSampler
 
 
 def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -139,8 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pocketzo.runtime import Bundle, FlatParameters, SessionConfig, TrainingSession
     from pocketzo.runtime.data import TextEncoder
     from pocketzo.zo_trainer import evaluate
+    from pocketzo.zo_trainer.batches import load_data
     from pocketzo.zo_trainer.evaluate import fit_label_prior
-    from pocketzo.zo_trainer.run import load_data
 
     for flag, value in (("--batch-size", args.batch_size), ("--calibrate-rows", args.calibrate_rows)):
         if value < 1:

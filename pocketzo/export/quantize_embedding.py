@@ -8,7 +8,7 @@ scale per block and, when not symmetric, a zero point. The numbers come from ONN
 (``quantize_matmul_8bits`` / ``_4bits``, the routine ``MatMulNBitsQuantizer`` calls), so a table and a MatMul
 weight made from the same float32 values hold the same bytes.
 
-That is what a tied LM head is: after ``quantize._fold_weight_transposes`` it reads ``W.T``, which the MatMulNBits
+That is what a tied LM head is: after ``linear_form.fold_weight_transposes`` it reads ``W.T``, which the MatMulNBits
 quantizer stored as ``W.T_Q<bits>`` ([rows, blocks, bytes per block]). The Gather then reads that initializer
 too, so the table is stored once, at the head's precision.
 
@@ -31,7 +31,7 @@ MS_DOMAIN = "com.microsoft"
 def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorProto], recipe: QuantRecipe) -> dict:
     """Rewrite the Gathers (axis 0) of every 2-D frozen float32 table in ``graph`` as GatherBlockQuantized.
 
-    ``frozen`` maps the graph's frozen float32 initializers by name (``quantize._frozen_weights``). Only a table
+    ``frozen`` maps the graph's frozen float32 initializers by name (``linear_form.frozen_weights``). Only a table
     that axis-0 Gathers alone read is rewritten (anything else reading it would keep the float32 copy too),
     and only if its width is a whole number of ``block_size`` blocks. Its bits follow ``recipe.bits_for`` of its
     name; a table tied to a quantized LM head takes the head's bits and bytes. Returns ``{"tables": names,
@@ -52,7 +52,7 @@ def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorPro
     tied = fp32_bytes = 0
     for name in tables:
         table = frozen[name]
-        # a tied head reads W.T (quantize._add_transposed), which the MatMulNBits quantizer stored as W.T_Q<bits>
+        # a tied head reads W.T (linear_form._add_transposed), which the MatMulNBits quantizer stored as W.T_Q<bits>
         shared = next((q for b in (8, 4) if (q := f"{name}.T_Q{b}") in head_bits and head_bits[q] == b), None)
         if shared is not None:
             bits = head_bits[shared]

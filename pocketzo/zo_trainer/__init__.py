@@ -2,15 +2,16 @@
 
 A step is plan -> evaluate -> update: ``estimators`` plan the points, ``evaluators`` (sequential or
 slotted backends) return their losses, ``updates`` turn the estimate into one fused pass over the
-weights; ``trainer`` runs the step, ``replay`` reruns it from the log, ``run`` is the training loop.
+weights; ``trainer`` runs the step, ``replay`` reruns it from the log, ``run`` is the training loop over ``batches``.
 """
 
+from pocketzo.zo_trainer.batches import BatchSampler
 from pocketzo.zo_trainer.evaluate import EvalResult, evaluate
 from pocketzo.zo_trainer.method import Method, RunPolicy
 from pocketzo.zo_trainer.noise import Perturber
 from pocketzo.zo_trainer.recipes import RECIPES, RecipeChoice, choose_recipe, gradient_graph
 from pocketzo.zo_trainer.replay import replay, replay_run
-from pocketzo.zo_trainer.run import BatchSampler, resume, train
+from pocketzo.zo_trainer.run import resume, train
 from pocketzo.zo_trainer.steplog import read_log
 from pocketzo.zo_trainer.trainer import DirectionRecord, StepRecord, Trainer, make_trainer
 

@@ -224,7 +224,8 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
         "Readings are at 5, 15 and (ZO-SGD) 60 minutes of training: the sum of the step times, evaluations "
         "excluded; the run is stopped there (`--max-train-seconds`), evaluated on the whole test split, and "
         "resumed. A forward-equivalent (FE) is one forward of the task's loss graph at its batch (16 x 64 for rt, "
-        "16 x 96 for tweets, 8 x 128 for hamlet: the median forward of its ZO-SGD run). Accuracy, macro-F1 and "
+        "16 x 96 for tweets, 8 x 128 for hamlet: the median forward of its ZO-SGD run), the one unit of compute "
+        "for every row of a task (a LoRA or prompt-tuning forward costs more than one FE). Accuracy, macro-F1 and "
         "speaker lines in %, AUC and perplexity as they are, mean ± std over the seeds run; AUC: of the label "
         "scores (two labels: of the margin), which a moved decision threshold cannot raise.",
         "",

@@ -36,11 +36,25 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from pocketzo.export import adapters
 from pocketzo.export.heads import PromptClassifierLoss, SequenceClassifierLoss
 from pocketzo.runtime.bundle import Bundle
 from pocketzo.runtime.data import Dataset, TextEncoder
 from pocketzo.zo_trainer.batches import BatchSampler
 from pocketzo.zo_trainer.evaluate import label_auc, macro_f1
+
+
+def with_adapter(net: torch.nn.Module, bundle: Bundle, initial: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Add the bundle's adapter to ``net`` as the export did: LoRA on the same layers, or the virtual tokens
+    (returned, for the loss head to hold). Their values are set from ``initial`` with every other trainable tensor."""
+    adapter = bundle.manifest.adapter or {}
+    if adapter.get("method") == "lora":
+        layers = [adapters.layer_index(t.name) for t in bundle.manifest.trainable]
+        first = min((k for k in layers if k is not None), default=None)
+        adapters.add_lora(net, tuple(adapter["targets"]), adapter["rank"], adapter["alpha"], 1, 0, first)
+    elif adapter.get("method") == "prompt":
+        return initial["prompt_embeddings"].clone()
+    return None
 
 
 def tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,21 +108,23 @@ def main() -> None:
     if args.eval_rows:
         data = dataclasses.replace(data, ids=data.ids[: args.eval_rows], classes=data.classes[: args.eval_rows])
 
+    initial = load_file(str(bundle.trainable_path))
+    decay = {t.name: t.decay for t in bundle.manifest.trainable}
     if bundle.task.head == "prompt":
         net = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager")
-        head = PromptClassifierLoss(net, list(bundle.task.label_token_ids)).eval()
+        prompt = with_adapter(net, bundle, initial)
+        head = PromptClassifierLoss(net, list(bundle.task.label_token_ids), prompt=prompt).eval()
     elif bundle.task.head == "head":
         net = AutoModelForSequenceClassification.from_pretrained(
             args.model, num_labels=len(bundle.task.labels), dtype=torch.float32, attn_implementation="eager")
-        head = SequenceClassifierLoss(net).eval()
+        head = SequenceClassifierLoss(net, prompt=with_adapter(net, bundle, initial)).eval()
     else:
         sys.exit(f"{args.bundle}: a {bundle.task.head!r} bundle is no classifier")
-    initial = load_file(str(bundle.trainable_path))
-    decay = {t.name: t.decay for t in bundle.manifest.trainable}
-    params = {n: q for n, q in net.named_parameters() if n in decay}
+    named = {n.removeprefix("net."): q for n, q in head.named_parameters()}  # the bundle's names
+    params = {n: q for n, q in named.items() if n in decay}
     if set(params) != set(decay):
         sys.exit(f"trainable set mismatch: the model lacks {sorted(set(decay) - set(params))[:3]}")
-    for n, q in net.named_parameters():
+    for n, q in named.items():
         q.requires_grad_(n in params)
     with torch.no_grad():
         for n, q in params.items():

@@ -97,7 +97,9 @@ def _rows() -> dict[str, Row]:
         rows += [Row(f"rt-{name}-fo-adamw", "rt", f"{what}: {FO}", ("--recipe", "fo-adamw", *CONSTANT),
                      trainable=name),
                  Row(f"rt-{name}-best", "rt", f"{what}: {BEST}", ("--recipe", "best", "--eps", "1e-3", *HORIZON),
-                     trainable=name)]
+                     trainable=name),
+                 Row(f"rt-{name}-pytorch-adamw", "rt", f"{what}: the ceiling, PyTorch AdamW lr 1e-3 (benchmark only)",
+                     ("--lr", "1e-3"), pytorch=True, trainable=name)]
     return {r.name: r for r in rows}
 
 

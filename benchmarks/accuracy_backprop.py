@@ -6,12 +6,12 @@
     python benchmarks/accuracy_backprop.py ... --minutes 5,15 [--ood OOD.jsonl] --json OUT.json   # bench-value
 
 It trains exactly what pocketzo's zeroth-order trainer trains (the bundle's trainable tensors, by their
-Hugging Face names, starting from the bundle's ``trainable.safetensors``: a new encoder head starts
-from the same seeded weights), on the same rows at every step (``BatchSampler`` with the same seed),
-with the same loss head as the export (``PromptClassifierLoss`` for a causal LM,
-``SequenceClassifierLoss`` for an encoder) and the same accuracy (argmin of ``candidate_loss`` over
-the eval set), so its test accuracy is the ceiling the ZO methods are compared against. The model
-stays in eval mode (no dropout), as in the exported ONNX graph.
+names in the bundle, starting from the bundle's ``trainable.safetensors``: a new encoder head starts
+from the same seeded weights; LoRA or virtual tokens are added to the model as the export added them),
+on the same rows at every step (``BatchSampler`` with the same seed), with the same loss head as the
+export (``PromptClassifierLoss`` for a causal LM, ``SequenceClassifierLoss`` for an encoder) and the same
+accuracy (argmin of ``candidate_loss`` over the eval set), so its test accuracy is the ceiling the ZO methods
+are compared against. The model stays in eval mode (no dropout), as in the exported ONNX graph.
 
 One backprop step costs one forward plus one backward pass, so the curve's x-axis is optimizer steps,
 not ZO forward passes: compare runs at equal steps, or convert the axes explicitly. With ``--minutes`` the

@@ -159,7 +159,8 @@ def to_peft(run: Path, out: Path, bundle: Path | None = None, overwrite: bool = 
         config = {**common, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": k, "token_dim": hidden,
                   "num_transformer_submodules": 1, "num_attention_heads": r.config.get("num_attention_heads"),
                   "num_layers": r.config.get("num_hidden_layers"), "prompt_tuning_init": "RANDOM"}
-        if m.adapter.get("init_text"):  # PEFT reads these for provenance only: a loaded adapter keeps its tensor
+        if m.adapter.get("init_text"):  # as PEFT records a text init; loading keeps the trained tensor (to go on
+            # training, PeftModel.from_pretrained(..., is_trainable=True) first loads this tokenizer, as for its own)
             config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=m.adapter["init_text"],
                           tokenizer_name_or_path=m.source.get("name"))
         tensors = {"prompt_embeddings": r.trained["prompt_embeddings"]}

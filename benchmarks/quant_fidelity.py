@@ -29,6 +29,23 @@ from pocketzo.runtime import Bundle, SessionConfig, TrainingSession
 from pocketzo.runtime.data import TextEncoder
 
 
+def two_sided_estimates(session: TrainingSession, feeds: tuple, directions: int, eps: float,
+                        seed: int = 1234) -> list[float]:
+    """(L(theta + eps z) - L(theta - eps z)) / (2 eps) on ``feeds`` along each seeded Rademacher direction z over
+    the session's flat trainable buffer; theta is restored after."""
+    theta = session.params.buffer
+    start, g = theta.copy(), []
+    for d in range(directions):
+        z = np.random.default_rng([seed, d]).integers(0, 2, theta.shape).astype(np.float32) * 2 - 1
+        theta[:] = start + eps * z
+        plus = float(session.run(*feeds)["loss"])
+        theta[:] = start - eps * z
+        minus = float(session.run(*feeds)["loss"])
+        g.append((plus - minus) / (2 * eps))
+    theta[:] = start
+    return g
+
+
 def estimates(bundle: Path, data: Path, batch_size: int, directions: int, eps: float, threads: int) -> dict:
     """The loss at theta and the two-sided estimate along each seeded direction, through ``bundle``."""
     opened = Bundle(bundle)
@@ -36,18 +53,8 @@ def estimates(bundle: Path, data: Path, batch_size: int, directions: int, eps: f
     rows = TextEncoder(opened).dataset(data)
     batch = rows.batch(np.arange(min(batch_size, len(rows))))
     feeds = (batch.input_ids, batch.attention_mask, batch.labels)
-    theta = session.params.buffer
-    start = theta.copy()
     loss = float(session.run(*feeds)["loss"])
-    g = []
-    for d in range(directions):
-        z = np.random.default_rng([1234, d]).integers(0, 2, theta.shape).astype(np.float32) * 2 - 1
-        theta[:] = start + eps * z
-        plus = float(session.run(*feeds)["loss"])
-        theta[:] = start - eps * z
-        minus = float(session.run(*feeds)["loss"])
-        g.append((plus - minus) / (2 * eps))
-    theta[:] = start
+    g = two_sided_estimates(session, feeds, directions, eps)
     quantized = opened.manifest.export.get("quantized")
     return {"bundle": str(bundle), "quantized": None if quantized is None else
             {k: quantized.get(k) for k in ("mode", "recipe", "quantized", "eight_bit", "embedding_tables",

@@ -149,6 +149,26 @@ def bundles(tiny_models, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def real_assets(request):
+    """The real assets (``pocketzo assets``) with the extras the test module's ``ASSETS`` names (encoder, gemma3)."""
+    from pocketzo.export.assets import prepare_assets
+
+    return prepare_assets(progress=False, **dict.fromkeys(getattr(request.module, "ASSETS", ()), True))
+
+
+@pytest.fixture(scope="module")
+def real_bundle(real_assets, request, tmp_path_factory):
+    """The test module's ``REAL_EXPORT`` (the assets' model field, an ExportConfig), exported once per module."""
+    from pocketzo.export import export_bundle
+    from pocketzo.runtime import Bundle
+
+    model, config = request.module.REAL_EXPORT
+    out = tmp_path_factory.mktemp(model) / "bundle"
+    export_bundle(getattr(real_assets, model), out, config)
+    return Bundle(out)
+
+
 @pytest.fixture(scope="session")
 def sentiment_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")

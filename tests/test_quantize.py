@@ -4,6 +4,7 @@ Runtime's tools."""
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from pocketzo.export.config import QuantRecipe
 from pocketzo.export.quantize import quantize_frozen
 from pocketzo.runtime import Bundle, SessionConfig, TrainingSession
 from pocketzo.runtime.data import IGNORE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quant_fidelity  # noqa: E402 (a benchmark script: its measure is tested on the tests' batch)
 
 MODES = ["int8", "int4", "int8-dynamic"]
 QUANTIZED_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "MatMulInteger"}
@@ -269,20 +273,9 @@ def test_zo_training_through_an_8_bit_base_lowers_the_loss(tiny_models, sentimen
 
 
 def _zo_estimates(bundle: Path, directions: int, eps: float) -> np.ndarray:
-    """Two-sided ZO estimates along seeded Rademacher directions on one batch (benchmarks/quant_fidelity.py's
-    measure, on the tests' batch)."""
+    """benchmarks/quant_fidelity.py's measure, on the tests' batch."""
     session = TrainingSession(Bundle(bundle), SessionConfig(threads=1))
-    theta, batch = session.params.buffer, _batch()
-    start, estimates = theta.copy(), []
-    for d in range(directions):
-        z = np.random.default_rng([7, d]).integers(0, 2, theta.shape).astype(np.float32) * 2 - 1
-        theta[:] = start + eps * z
-        plus = float(session.run(*batch)["loss"])
-        theta[:] = start - eps * z
-        minus = float(session.run(*batch)["loss"])
-        estimates.append((plus - minus) / (2 * eps))
-    theta[:] = start
-    return np.asarray(estimates)
+    return np.asarray(quant_fidelity.two_sided_estimates(session, _batch(), directions, eps, seed=7))
 
 
 @pytest.mark.parametrize("kind", ["llama", "opt"])

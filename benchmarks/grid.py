@@ -85,10 +85,22 @@ def train(bundle: str, flags: Iterable[str], seed: int, train_file: Path, test_f
     return TrainRun("python " + " ".join(shown), summary, log)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string where there is no such file."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def save(results: Path, row: str, seed: int, result: dict) -> dict:
-    """Write one run's result (with its row, seed, date and machine) atomically; return it."""
+    """Write one run's result (with its row, seed, date, CPU and machine) atomically; return it."""
+    cpu = cpu_model()
     result = {"row": row, "seed": seed, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {THREADS} threads, otherwise idle", **result}
+              "cpu": cpu, "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs, {THREADS} threads, "
+              "otherwise idle", **result}
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{row}-s{seed}.json"
     tmp = path.with_name(path.name + ".tmp")

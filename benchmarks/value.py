@@ -47,7 +47,12 @@ from value_rows import QUICK, ROWS, TASKS, Row, bundle_of, export_flags
 
 from pocketzo._io import atomic_open
 
-RESULTS = grid.ROOT / "benchmarks" / "value"
+# The tables' machine: readings in training minutes are only comparable from one CPU. The grid ran on an AMD EPYC
+# (Zen 4) VM (its runs before 2026-12-03 18:00 do not record the CPU); a run on another CPU goes to OTHER.
+REFERENCE_CPU = "AMD EPYC"
+TABLES = grid.ROOT / "benchmarks" / "value"
+OTHER = TABLES / "other-machines"
+RESULTS = TABLES if grid.cpu_model().startswith(REFERENCE_CPU) else OTHER
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
 REPORT = grid.ROOT / "docs" / "value.md"
 
@@ -193,6 +198,9 @@ def is_done(name: str, seed: int) -> bool:
 if __name__ == "__main__":
     from report_value import write_report  # noqa: PLC0415 (a sibling script)
 
+    if RESULTS == OTHER:
+        print(f"bench-value: this CPU ({grid.cpu_model()}) is not the tables' ({REFERENCE_CPU}): its results go to "
+              f"{OTHER.relative_to(grid.ROOT)}/, which docs/value.md lists apart", file=sys.stderr)
     if "--quick" in sys.argv:  # the rows' first reading only
         sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0", "--minutes",
                                                               "5"]
@@ -202,5 +210,5 @@ if __name__ == "__main__":
         del sys.argv[at : at + 2]
         ROWS.update({n: replace(r, minutes=tuple(m for m in r.minutes if m <= cap)) for n, r in ROWS.items()})
     sys.exit(grid.main(__doc__.splitlines()[0], ROWS, RESULTS, run_one, REPORT,
-                       lambda: write_report(RESULTS, REPORT, ROWS, TASKS), seeded=lambda n: ROWS[n].trains,
+                       lambda: write_report(TABLES, REPORT, ROWS, TASKS), seeded=lambda n: ROWS[n].trains,
                        done=is_done))

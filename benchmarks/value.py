@@ -47,13 +47,16 @@ from value_rows import QUICK, ROWS, TASKS, Row, bundle_of, export_flags
 
 from pocketzo._io import atomic_open
 
-# The tables' machine: readings in training minutes are only comparable from one CPU. The grid ran on an AMD EPYC
-# (Zen 4) VM (its runs before 2026-12-03 18:00 do not record the CPU); a run on another CPU goes to OTHER.
+# The tables' machine: readings in training minutes are only comparable from one CPU. The tables' runs were made
+# on an AMD EPYC (Zen 4) VM and, made before results recorded the CPU, do not name it; any AMD EPYC counts as that
+# machine. A run on another CPU keeps its result and its run directory under other-machines/.
 REFERENCE_CPU = "AMD EPYC"
 TABLES = grid.ROOT / "benchmarks" / "value"
 OTHER = TABLES / "other-machines"
-RESULTS = TABLES if grid.cpu_model().startswith(REFERENCE_CPU) else OTHER
+ON_REFERENCE = grid.cpu_model().startswith(REFERENCE_CPU)
+RESULTS = TABLES if ON_REFERENCE else OTHER
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
+RUNS = WORK / "runs" if ON_REFERENCE else WORK / "other-machines" / "runs"
 REPORT = grid.ROOT / "docs" / "value.md"
 
 
@@ -117,7 +120,7 @@ def run_untrained(row: Row, seed: int) -> None:
     """zero-shot and zero-shot-calibrated: evaluations of the bundle's own weights (hamlet: a run of 0 steps)."""
     files = ensure_inputs(row)
     if row.task == "hamlet":
-        run = WORK / "runs" / f"{row.name}-s{seed}"
+        run = RUNS / f"{row.name}-s{seed}"
         _, summary = _train(row, seed, files, run, ["--steps", "0"])
         result = {"eval": summary["final_eval"], **_readings(row, files, run),
                   "reference_speaker_line_share": personal_text.reference_share(files["test"])}
@@ -132,7 +135,7 @@ def run_untrained(row: Row, seed: int) -> None:
 def run_trained(row: Row, seed: int) -> None:
     """Train to each reading in turn, resuming the run; save the result after each stage."""
     files = ensure_inputs(row)
-    run = WORK / "runs" / f"{row.name}-s{seed}"
+    run = RUNS / f"{row.name}-s{seed}"
     path = RESULTS / f"{row.name}-s{seed}.json"
     result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     stages = result.get("stages", []) if (run / "config.json").is_file() else []  # no run dir: start again
@@ -168,7 +171,7 @@ def run_pytorch(row: Row, seed: int) -> None:
     """The ceiling row: one process that trains to every reading (not resumable: a stopped run starts again)."""
     files = ensure_inputs(row)
     task = TASKS[row.task]
-    out = WORK / "runs" / f"{row.name}-s{seed}.json"
+    out = RUNS / f"{row.name}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["benchmarks/accuracy_backprop.py", "--bundle", bundle_of(row), "--model", str(grid.model_dir()),
            "--train", str(files["train"]), "--eval", str(files["test"]), "--batch-size", str(task.batch_size),
@@ -198,7 +201,7 @@ def is_done(name: str, seed: int) -> bool:
 if __name__ == "__main__":
     from report_value import write_report  # noqa: PLC0415 (a sibling script)
 
-    if RESULTS == OTHER:
+    if not ON_REFERENCE and "--report-only" not in sys.argv:
         print(f"bench-value: this CPU ({grid.cpu_model()}) is not the tables' ({REFERENCE_CPU}): its results go to "
               f"{OTHER.relative_to(grid.ROOT)}/, which docs/value.md lists apart", file=sys.stderr)
     if "--quick" in sys.argv:  # the rows' first reading only

@@ -30,7 +30,6 @@ TEXTS = ("The museum opens at nine, and children under twelve get in for free.",
          "def add(a, b): return a+b # a rare letter ʬ and an emoji 🙂")
 
 
-
 def _sentencepiece_bpe(text: str, tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[int]:
     """SentencePiece's BPE, written out: join the adjacent pair whose joined piece scores highest until none
     is in the vocabulary; what is left and not a piece falls back to its UTF-8 bytes."""

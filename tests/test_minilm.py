@@ -18,7 +18,6 @@ REAL_EXPORT = ("encoder_dir", ExportConfig(task="classify", labels=("negative", 
                                            max_length=64))  # real_bundle
 
 
-
 def test_encoder_assets_are_a_model_directory(real_assets):
     assert sorted(p.name for p in real_assets.encoder_dir.iterdir()) == sorted(
         spec.member.rsplit("/", 1)[1] for spec in ENCODER_FILES)
@@ -33,7 +32,7 @@ def test_head_only_bundle_matches_pytorch_on_real_rows(real_bundle, real_assets)
 
     assert real_bundle.task.head == "head"
     assert [(t.name, t.shape) for t in real_bundle.manifest.trainable] == [("classifier.weight", (2, 384)),
-                                                                      ("classifier.bias", (2,))]
+                                                                           ("classifier.bias", (2,))]
     b = TextEncoder(real_bundle).dataset(real_assets.dev).batch(range(8))
     assert (b.attention_mask == 0).any()  # padded rows
     params = FlatParameters.from_bundle(real_bundle)

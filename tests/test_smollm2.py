@@ -19,7 +19,6 @@ REAL_EXPORT = ("model_dir", ExportConfig(task="classify", template=TEMPLATE, lab
                                          trainable=r"norm\.weight$", max_length=64))  # real_bundle (conftest)
 
 
-
 def test_tokenizer_is_fixed(real_bundle):
     encoder = TextEncoder(real_bundle)
     ids = encoder.tokenizer.encode("Review: fine").ids

@@ -36,5 +36,5 @@ def test_other_machine_runs_are_listed_apart(tmp_path):
     tables, _, apart = text.partition("## Runs on other machines")
     row = next(line for line in tables.splitlines() if line.startswith("| rt-zo-sgd |"))
     assert "| 1 | 80.5 |" in row and "90.1" not in tables  # one seed, the tables' run alone
-    assert "| rt-zo-sgd | 1 | Some Other CPU |" in apart and "accuracy 0.901" in apart
-    assert "rt 0.460 s" in apart  # the tables' forward-equivalent beside the other CPU's 0.830 s
+    assert "| rt-zo-sgd | 1 | Some Other CPU |" in apart and "accuracy 90.1" in apart
+    assert "rt: 0.460 s" in apart  # the tables' forward-equivalent beside the other CPU's 0.830 s

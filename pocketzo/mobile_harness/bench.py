@@ -126,7 +126,7 @@ def _stats(name: str, xs: list[float]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------- worker (child process)
 
-def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | None) -> dict:
+def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | None, sampler: RssSampler) -> dict:
     import onnxruntime as ort
 
     from pocketzo.runtime.data import Batch
@@ -135,7 +135,6 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
     from pocketzo.zo_trainer.method import Method
     from pocketzo.zo_trainer.trainer import make_trainer, open_session
 
-    sampler = RssSampler()
     base = rss_mb()
     bundle = Bundle(bundle_path)
     ids, mask, labels = _batch(bundle, cfg.batch_size, cfg.seq_len)
@@ -197,11 +196,14 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--baked-model")
     p.add_argument("--limit-bytes", type=int)
     a = p.parse_args(argv)
+    # the sampler's thread starts before the cap: a thread whose start-up fails under it (MemoryError in its
+    # thread-local data) leaves Thread.start() waiting for it forever, a hung worker instead of a clear error
+    sampler = RssSampler()
     if a.limit_bytes:
         limit_address_space(a.limit_bytes)
     cfg = BenchConfig(**json.loads(a.config))
     try:
-        result = _measure(a.mode, a.bundle, cfg, a.baked_model)
+        result = _measure(a.mode, a.bundle, cfg, a.baked_model, sampler)
     except MemoryError:
         result = {"error": "out of memory (MemoryError)"}
     except Exception as e:  # ONNX Runtime reports allocation failures as its own exception types

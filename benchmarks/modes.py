@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import grid
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ["--task", "classify", "--template", "Review: {text}\nSentiment:", "--labels", "negative,positive",
           "--max-length", "64"]
@@ -77,7 +79,7 @@ def main() -> int:
             "step_s": s["step_seconds_median"], "forward_s": s["forward_seconds_median"],
             "peak_rss_mb": s["peak_rss_mb"], "wall_s": s["wall_seconds"], "export_s": export_s,
             "quantized": manifest["export"].get("quantized"),
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "machine": f"{platform.machine()}, {grid.cpu_model()}",
             "date": time.strftime("%Y-%m-%d %H:%M"),
         }
         log(f"{name}: {s['zero_shot_accuracy']:.3f} -> {s['final_accuracy']:.3f}, "

@@ -66,6 +66,8 @@ POLICY_HELP = {
     "max_train_seconds": "stop once the training steps have taken this many seconds (evaluations excluded), "
                          "with a checkpoint: --resume with a larger value goes on (0: no limit; --steps still sets "
                          "the lr schedule)",
+    "stop_at_step": "stop once this many steps are done, with a checkpoint: --resume with a larger value goes on "
+                    "(0: no limit; unlike --steps, it leaves the lr schedule as it is)",
 }
 
 MAP_WEIGHTS_HELP = ("leave a float32 bundle's frozen weights memory-mapped from model.onnx.data (off: ONNX Runtime "

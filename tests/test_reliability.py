@@ -120,6 +120,20 @@ def test_a_time_budget_stops_with_a_checkpoint_and_a_larger_one_goes_on_bit_iden
     assert _weights(run / "weights.safetensors") == _weights(reference / "weights.safetensors")
 
 
+def test_a_step_budget_stops_with_a_checkpoint_and_a_resume_without_it_ends_bit_identical(bundles, sentiment_files,
+                                                                                          reference, tmp_path):
+    run, stop = tmp_path / "run", CFG.steps // 2
+    summary = train(bundles("llama-classify"), sentiment_files["train"], run, CFG,
+                    replace(POLICY, stop_at_step=stop), eval_path=sentiment_files["dev"])
+    assert summary["stopped_by"] == "stop_at_step" and summary["steps"] == stop
+    assert len((run / "log.jsonl").read_text().splitlines()) == stop
+    assert (run / "checkpoints" / f"step-{stop:08d}").is_dir()
+    assert resume(run)["steps"] == stop  # the same budget, already spent: no step
+    done = resume(run, {"stop_at_step": 0})
+    assert done["steps"] == CFG.steps and done["stopped_by"] is None
+    assert _weights(run / "weights.safetensors") == _weights(reference / "weights.safetensors")
+
+
 def test_a_torn_checkpoint_is_skipped(bundles, sentiment_files, reference, tmp_path):
     cfg = replace(CFG, steps=100)
     run = tmp_path / "run"

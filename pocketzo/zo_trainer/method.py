@@ -196,11 +196,15 @@ class RunPolicy:
     split: bool = True  # a split bundle: train on its trunk and head (false: on its whole loss graph)
     # 0: no limit; else stop, with a checkpoint, after the step that brings the steps' seconds to this many
     max_train_seconds: float = 0.0
+    # 0: no limit; else stop, with a checkpoint, once this many steps are done (unlike --steps, the lr schedule's
+    # horizon, it leaves the method as it is: a --resume with a larger value goes on bit-identical)
+    stop_at_step: int = 0
 
     def __post_init__(self) -> None:
         _check([
             (self.threads >= 0 and self.eval_every >= 0, "threads and eval_every must be >= 0"),
             (self.max_train_seconds >= 0, "max_train_seconds must be >= 0 (0: no limit)"),
+            (self.stop_at_step >= 0, "stop_at_step must be >= 0 (0: no limit)"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "checkpoint_every must be >= 0 and "
              "keep_checkpoints >= 1"),

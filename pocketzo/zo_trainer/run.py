@@ -112,10 +112,11 @@ class _Loop:
                     Progress(m.steps, "train", enabled=policy.progress) as bar:
                 bar.update(self.steps_done)
                 for step in range(self.steps_done, m.steps):
-                    if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds:
+                    stop = self._budget_spent(step)
+                    if stop:
                         if self.checkpointed_step != step:  # a later --resume with a larger budget goes on from here
                             self.checkpoint(log, log_bin)
-                        self.stopped_by = "max_train_seconds"
+                        self.stopped_by = stop
                         break
                     batch = self.train_data.batch(self.sampler.indices(step))
                     record = self.trainer.step(step, batch, m.lr_at(step) * self.lr_scale, self.monitor.loss_limit())
@@ -145,6 +146,15 @@ class _Loop:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+
+    def _budget_spent(self, step: int) -> str | None:
+        """The run policy's budget that stops the run before ``step`` (its field name), if one does."""
+        policy = self.policy
+        if policy.max_train_seconds and self.train_seconds >= policy.max_train_seconds:
+            return "max_train_seconds"
+        if policy.stop_at_step and step >= policy.stop_at_step:
+            return "stop_at_step"
+        return None
 
     def _after(self, record: StepRecord) -> None:
         """Divergence handling: back off the learning rate after an undone step; stop after too many."""

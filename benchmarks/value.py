@@ -43,20 +43,22 @@ from pathlib import Path
 
 import grid
 import personal_text
+import value_steps
 from value_rows import QUICK, ROWS, TASKS, Row, bundle_of, export_flags
 
 from pocketzo._io import atomic_open
 
-# The tables' machine: readings in training minutes are only comparable from one CPU. The tables' runs were made
-# on an AMD EPYC (Zen 4) VM and, made before results recorded the CPU, do not name it; any AMD EPYC counts as that
-# machine. A run on another CPU keeps its result and its run directory under other-machines/.
-REFERENCE_CPU = "AMD EPYC"
+# The tables' machine: readings in training minutes are only comparable from one CPU. On another CPU a row the
+# tables' CPU has trained is read at that CPU's step counts (``value_steps``) and joins the tables, marked; a row it
+# never trained keeps its result and run directory under other-machines/.
 TABLES = grid.ROOT / "benchmarks" / "value"
 OTHER = TABLES / "other-machines"
-ON_REFERENCE = grid.cpu_model().startswith(REFERENCE_CPU)
+CPU = grid.cpu_model()
+ON_REFERENCE = CPU.startswith(value_steps.REFERENCE_CPU)
 RESULTS = TABLES if ON_REFERENCE else OTHER
 WORK = grid.ROOT / "benchmarks" / "work" / "value"
 RUNS = WORK / "runs" if ON_REFERENCE else WORK / "other-machines" / "runs"
+MATCHED_RUNS = WORK / "step-matched" / "runs"
 REPORT = grid.ROOT / "docs" / "value.md"
 
 
@@ -148,13 +150,66 @@ def run_trained(row: Row, seed: int) -> None:
             cmd = ["-m", "pocketzo", "train", "--resume", str(run), "--quiet", *budget]
             subprocess.run([sys.executable, *cmd], cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
             summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-        stages.append({"minutes": minutes, "train_seconds": summary["train_seconds"], "steps": summary["steps"],
-                       "eval": summary["final_eval"], "peak_rss_mb": summary["peak_rss_mb"],
-                       "step_seconds_median": summary["step_seconds_median"],
-                       "forward_seconds_median": summary["forward_seconds_median"], **_readings(row, files, run)})
+        stages.append(_stage_of(row, minutes, summary, files, run))
         grid.save(RESULTS, row.name, seed, {**result, "stages": stages})
         print(f"{row.name} seed {seed}: {minutes} min, step {summary['steps']}: {_headline(summary['final_eval'])}",
               flush=True)
+
+
+def _stage_of(row: Row, minutes: int, summary: dict, files: dict[str, Path], run: Path) -> dict:
+    return {"minutes": minutes, "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+            "eval": summary["final_eval"], "peak_rss_mb": summary["peak_rss_mb"],
+            "step_seconds_median": summary["step_seconds_median"],
+            "forward_seconds_median": summary["forward_seconds_median"], **_readings(row, files, run)}
+
+
+def _reference_runs(name: str) -> list[dict]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(TABLES.glob(f"{name}-s*.json"))]
+
+
+def step_matchable(name: str) -> bool:
+    """On another CPU: whether the tables' CPU has trained ``name`` (so its runs here are read at its steps)."""
+    row = ROWS[name]
+    return (not ON_REFERENCE and row.trains and not row.pytorch
+            and any(value_steps.reference_stages(r) for r in _reference_runs(name)))
+
+
+def run_step_matched(row: Row, seed: int) -> None:
+    """On another CPU: train to each reading's step on the tables' CPU in turn (``value_steps.target``), resuming
+    the run. A reading the tables already have for this seed is made again as a check; the others are saved,
+    marked ``step_matched``, into the tables' result of this seed."""
+    files = ensure_inputs(row)
+    run = MATCHED_RUNS / f"{row.name}-s{seed}"
+    path = TABLES / f"{row.name}-s{seed}.json"
+    result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"task": row.task}
+    done = json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] \
+        if (run / "config.json").is_file() and (run / "summary.json").is_file() else 0
+    if not done:  # the stages matched by an earlier run whose directory is gone are made again
+        result["stages"] = value_steps.reference_stages(result)
+    for minutes in row.minutes:
+        goal = value_steps.target(_reference_runs(row.name), seed, minutes)
+        have = next((s for s in result["stages"] if s["minutes"] == minutes), None)
+        if have is not None and done >= goal.steps:
+            continue
+        stop = ["--stop-at-step", str(goal.steps)]
+        if not done:
+            cmd, summary = _train(row, seed, files, run, [*row.flags, *stop])
+            result.update(command=_shown(cmd, run), zero_shot=summary["initial_eval"])
+        else:
+            subprocess.run([sys.executable, "-m", "pocketzo", "train", "--resume", str(run), "--quiet", *stop],
+                           cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
+            summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        done = summary["steps"]
+        stage = _stage_of(row, minutes, summary, files, run)
+        if goal.reference is not None:
+            result["checks"] = [c for c in result.get("checks", []) if c["minutes"] != minutes]
+            result["checks"].append(value_steps.check(goal.reference, stage, CPU))
+        else:
+            stage["step_matched"] = {"cpu": CPU, "source": goal.source}
+            result["stages"] = sorted([s for s in result["stages"] if s["minutes"] != minutes] + [stage],
+                                      key=lambda s: s["minutes"])
+        grid.save(TABLES, row.name, seed, result)
+        print(f"{row.name} seed {seed}: step {done} ({goal.source}): {_headline(summary['final_eval'])}", flush=True)
 
 
 def _headline(e: dict) -> str:
@@ -186,12 +241,15 @@ def run_pytorch(row: Row, seed: int) -> None:
 
 def run_one(name: str, seed: int) -> None:
     row = ROWS[name]
-    (run_pytorch if row.pytorch else run_trained if row.trains else run_untrained)(row, seed)
+    if step_matchable(name):
+        run_step_matched(row, seed)
+    else:
+        (run_pytorch if row.pytorch else run_trained if row.trains else run_untrained)(row, seed)
 
 
 def is_done(name: str, seed: int) -> bool:
     """Its result exists with a stage for every reading of the row (a --quick run has only the first)."""
-    path = RESULTS / f"{name}-s{seed}.json"
+    path = (TABLES if step_matchable(name) else RESULTS) / f"{name}-s{seed}.json"
     if not path.is_file():
         return False
     row = ROWS[name]
@@ -202,7 +260,8 @@ if __name__ == "__main__":
     from report_value import write_report  # noqa: PLC0415 (a sibling script)
 
     if not ON_REFERENCE and "--report-only" not in sys.argv:
-        print(f"bench-value: this CPU ({grid.cpu_model()}) is not the tables' ({REFERENCE_CPU}): its results go to "
+        print(f"bench-value: this CPU ({CPU}) is not the tables' ({value_steps.REFERENCE_CPU}): a row the tables' "
+              "CPU has trained is read at its step counts and joins the tables, marked; the others go to "
               f"{OTHER.relative_to(grid.ROOT)}/, which docs/value.md lists apart", file=sys.stderr)
     if "--quick" in sys.argv:  # the rows' first reading only
         sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0", "--minutes",

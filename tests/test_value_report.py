@@ -1,15 +1,24 @@
-"""docs/value.md's report (benchmarks/report_value.py): runs made on another CPU are listed apart and enter no table."""
+"""docs/value.md's report (benchmarks/report_value.py): runs made on another CPU are listed apart and enter no table,
+unless matched by step to the tables' CPU (benchmarks/value_steps.py), and then marked."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import pytest  # noqa: E402
+import value_steps  # noqa: E402
 from report_value import write_report  # noqa: E402 (a benchmark script beside its results)
 from value_rows import ROWS, TASKS  # noqa: E402
+
+
+def _stage(minutes: int, steps: int, accuracy: float = 0.8, seconds: float | None = None, **more) -> dict:
+    return {"minutes": minutes, "train_seconds": seconds or 60.0 * minutes, "steps": steps,
+            "eval": {"accuracy": accuracy, "loss": 0.4}, **more}
 
 
 def _result(seed: int, accuracy: float, forward: float, cpu: str | None) -> dict:
@@ -38,3 +47,44 @@ def test_other_machine_runs_are_listed_apart(tmp_path):
     assert "| 1 | 80.5 |" in row and "90.1" not in tables  # one seed, the tables' run alone
     assert "| rt-zo-sgd | 1 | Some Other CPU |" in apart and "accuracy 90.1" in apart
     assert "rt: 0.460 s" in apart  # the tables' forward-equivalent beside the other CPU's 0.830 s
+
+
+def test_a_step_target_is_the_seeds_own_reading_else_the_other_seeds_mean_else_the_rows_rate():
+    runs = [{"seed": 0, "stages": [_stage(5, 150), _stage(15, 420, seconds=903.0)]},
+            {"seed": 1, "stages": [_stage(5, 170), _stage(15, 500, step_matched={"cpu": "X", "source": "..."})]},
+            {"seed": 2, "stages": [_stage(5, 190)]}]
+    own = value_steps.target(runs, 1, 5)
+    assert own.steps == 170 and own.reference is runs[1]["stages"][0]
+    mean = value_steps.target(runs, 2, 15)  # seed 1's 15-minute stage was matched, not measured: not counted
+    assert (mean.steps, mean.reference) == (420, None) and "seeds 0" in mean.source
+    # no reading at 60 min: the rate of each seed's latest measured stage, (903 + 300 + 300) s over 420 + 170 + 190 steps
+    assert value_steps.target(runs, 0, 60).steps == round(3600 / (1503 / 780))
+    assert value_steps.target([{"seed": 0, "stages": []}], 0, 5) is None
+
+
+def test_a_reading_made_again_on_another_cpu_must_agree_with_the_tables():
+    reference = _stage(5, 150)
+    assert value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.4000001}}), "X")["loss_here"] == 0.4000001
+    with pytest.raises(SystemExit, match="differ"):
+        value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.41}}), "X")
+
+
+def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as_their_compute(tmp_path):
+    results, report = tmp_path / "value", tmp_path / "docs" / "value.md"
+    report.parent.mkdir()
+    for seed, accuracy in ((0, 0.80), (1, 0.82)):
+        r = _result(seed, accuracy, 0.5, None)
+        r["stages"][0]["eval"]["loss"] = 0.4
+        r["stages"].append({**r["stages"][0], "minutes": 15, "steps": 610, "train_seconds": 1800.0,
+                            "eval": {"accuracy": accuracy + 0.02, "auc": 0.9},
+                            "step_matched": {"cpu": "Other CPU", "source": "15 min at 1.5 s a step"}})
+        r["checks"] = [{"minutes": 5, "steps": 200, "cpu": "Other CPU", "loss_reference": 0.4, "loss_here": 0.40002}]
+        _write(results / f"rt-zo-sgd-s{seed}.json", r)
+    write_report(results, report, {"rt-zo-sgd": ROWS["rt-zo-sgd"]}, {"rt": TASKS["rt"]})
+    text = report.read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| rt-zo-sgd |")).split(" | ")
+    assert row[3:5] == ["81.0 ± 1.4", "83.0 ± 1.4 †"]  # 5 min measured, 15 min matched
+    assert row[-2] == "1,800"  # FE: 15 minutes on the tables' CPU over its 0.5 s forward, not the 1,800 s taken here
+    assert "rt-zo-sgd s1 at 15 min: step 610 (15 min at 1.5 s a step)" in text
+    assert re.search(r"Checks: 2 readings .* at most 5\.0e-05 of the loss", text)
+    assert "## Runs on other machines" not in text

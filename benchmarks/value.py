@@ -10,7 +10,8 @@ minutes (``--max-train-seconds``), is evaluated, then resumed to 15 minutes (ZO-
 baseline) and evaluated again, so one run gives every reading and evaluation time never counts as training.
 The run directory lives in ``benchmarks/work/value/runs/`` and the result in
 ``benchmarks/value/<row>-s<seed>.json`` is rewritten after each stage: a grid stopped mid-run resumes that run
-from its last stage.
+from its last stage. On another CPU than the tables', a row the tables' CPU has trained is read at that CPU's
+step counts instead (``value_steps``; run directories in ``benchmarks/work/value/step-matched/runs/``).
 
 Tasks (data from ``pocketzo assets``), SmolLM2-135M-Instruct:
 
@@ -184,6 +185,7 @@ def run_step_matched(row: Row, seed: int) -> None:
     result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"task": row.task}
     done = json.loads((run / "summary.json").read_text(encoding="utf-8"))["steps"] \
         if (run / "config.json").is_file() and (run / "summary.json").is_file() else 0
+    result.setdefault("stages", [])
     if not done:  # the stages matched by an earlier run whose directory is gone are made again
         result["stages"] = value_steps.reference_stages(result)
     for minutes in row.minutes:

@@ -98,8 +98,9 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
     cpus = sorted({s["step_matched"]["cpu"] for _, s in matched} | {c["cpu"] for c in checks})
     out = [f"Readings marked {mark} were made on another CPU ({', '.join(cpus)}) at the step count the tables' CPU "
            "reached by that reading (`pocketzo train --stop-at-step`; `benchmarks/value_steps.py`): the weights after "
-           "a step should not depend on the CPU (the checks below test it), the minutes do. Their FE counts the reading's minutes on the tables' "
-           f"CPU. {len(matched)} readings of {len({(r['row'], r['seed']) for r, _ in matched})} runs:", ""]
+           "a step should not depend on the CPU (the checks below test it), the minutes do. Their FE counts the "
+           f"reading's minutes on the tables' CPU. {len(matched)} readings of "
+           f"{len({(r['row'], r['seed']) for r, _ in matched})} runs:", ""]
     out += [f"- {r['row']} s{r['seed']} at {s['minutes']} min: step {s['steps']:,} ({s['step_matched']['source']})"
             for r, s in matched]
     if checks:

@@ -57,7 +57,8 @@ def test_a_step_target_is_the_seeds_own_reading_else_the_other_seeds_mean_else_t
     assert own.steps == 170 and own.reference is runs[1]["stages"][0]
     mean = value_steps.target(runs, 2, 15)  # seed 1's 15-minute stage was matched, not measured: not counted
     assert (mean.steps, mean.reference) == (420, None) and "seeds 0" in mean.source
-    # no reading at 60 min: the rate of each seed's latest measured stage, (903 + 300 + 300) s over 420 + 170 + 190 steps
+    # no reading at 60 min: the rate of each seed's latest measured stage, (903 + 300 + 300) s over
+    # (420 + 170 + 190) steps
     assert value_steps.target(runs, 0, 60).steps == round(3600 / (1503 / 780))
     assert value_steps.target([{"seed": 0, "stages": []}], 0, 5) is None
 

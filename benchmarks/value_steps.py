@@ -96,17 +96,18 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
     if not matched and not checks:
         return []
     cpus = sorted({s["step_matched"]["cpu"] for _, s in matched} | {c["cpu"] for c in checks})
-    out = [f"Readings marked {mark} were made on another CPU ({', '.join(cpus)}) at the step count the tables' CPU "
-           "reached by that reading (`pocketzo train --stop-at-step`; `benchmarks/value_steps.py`): the weights after "
-           "a step should not depend on the CPU (the checks below test it), the minutes do. Their FE counts the "
-           f"reading's minutes on the tables' CPU. {len(matched)} readings of "
-           f"{len({(r['row'], r['seed']) for r, _ in matched})} runs:", ""]
+    runs_matched = len({(r["row"], r["seed"]) for r, _ in matched})
+    out = [f"Readings marked {mark.strip()} were made on another CPU ({', '.join(cpus)}) at the step count the "
+           "tables' CPU reached by that reading (`pocketzo train --stop-at-step`; `benchmarks/value_steps.py`): "
+           "the weights after a step should not depend on the CPU (the checks below test it), the minutes do. "
+           f"Their FE counts the reading's minutes on the tables' CPU. {_count(len(matched), 'reading')} of "
+           f"{_count(runs_matched, 'run')}:", ""]
     out += [f"- {r['row']} s{r['seed']} at {s['minutes']} min: step {s['steps']:,} ({s['step_matched']['source']})"
             for r, s in matched]
     if checks:
         worst = max(abs(c["loss_here"] - c["loss_reference"]) / abs(c["loss_reference"]) for c in checks)
-        out += ["", f"Checks: {len(checks)} readings of the tables were made again at the same step on the other "
-                f"CPU; their test losses differ by at most {worst:.1e} of the loss (a run stops when they differ "
+        out += ["", f"Checks: {_count(len(checks), 'reading')} of the tables made again at the same step on the "
+                f"other CPU; the test losses differ by at most {worst:.1e} of the loss (a run stops when they differ "
                 f"by more than {AGREE:g})."]
     spread = rate_spread(results)
     if spread:
@@ -114,3 +115,7 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
                 f"with a 5- and a 15-minute reading made {min(spread):.2f} to {max(spread):.2f} x (median "
                 f"{statistics.median(spread):.2f}) the steps at 15 minutes that rate predicts."]
     return [*out, ""]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

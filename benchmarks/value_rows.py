@@ -88,9 +88,9 @@ def _rows() -> dict[str, Row]:
         if t.classify:
             rows.append(Row(f"{t.name}-pytorch-adamw", t.name, "the ceiling: PyTorch backprop, AdamW lr 1e-3, of the "
                             "same tensors on the same batches (benchmark only)", ("--lr", "1e-3"), pytorch=True))
-            rows.append(Row(f"{t.name}-hybrid-adamw", t.name, "exact gradients for the last 8 layers, one-sided ZO "
-                            "below, AdamW lr 1e-3 (`--recipe hybrid-adamw`)", ("--recipe", "hybrid-adamw", *CONSTANT),
-                            hybrid=True))
+        rows.append(Row(f"{t.name}-hybrid-adamw", t.name, "exact gradients for the last 8 layers, one-sided ZO "
+                        "below, AdamW lr 1e-3 (`--recipe hybrid-adamw`)", ("--recipe", "hybrid-adamw", *CONSTANT),
+                        hybrid=True))
     for name, what in SCREENED.items():
         if name == "prompt":  # the virtual tokens change the untrained model
             rows.append(Row(f"rt-{name}-zero-shot", "rt", f"{what}: its untrained start", (), trainable=name))

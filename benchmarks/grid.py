@@ -96,11 +96,13 @@ def cpu_model() -> str:
 
 
 def save(results: Path, row: str, seed: int, result: dict) -> dict:
-    """Write one run's result (with its row, seed, date, CPU and machine) atomically; return it."""
+    """Write one run's result (with its row, seed, date, CPU and machine) atomically; return it. A result that
+    already names its machine keeps it (and its CPU, recorded or not): it is being extended, here or elsewhere."""
     cpu = cpu_model()
+    here = {"cpu": cpu, "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs, {THREADS} threads, "
+            "otherwise idle"}
     result = {"row": row, "seed": seed, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "cpu": cpu, "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs, {THREADS} threads, "
-              "otherwise idle", **result}
+              **({} if "machine" in result else here), **result}
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{row}-s{seed}.json"
     tmp = path.with_name(path.name + ".tmp")

@@ -35,6 +35,7 @@ steps is two forwards).
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import subprocess
@@ -207,7 +208,8 @@ def run_step_matched(row: Row, seed: int) -> None:
             result["checks"] = [c for c in result.get("checks", []) if c["minutes"] != minutes]
             result["checks"].append(value_steps.check(goal.reference, stage, CPU))
         else:
-            stage["step_matched"] = {"cpu": CPU, "source": goal.source}
+            stage["step_matched"] = {"cpu": CPU, "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
+                                     "source": goal.source}
             result["stages"] = sorted([s for s in result["stages"] if s["minutes"] != minutes] + [stage],
                                       key=lambda s: s["minutes"])
         grid.save(TABLES, row.name, seed, result)
@@ -268,11 +270,12 @@ if __name__ == "__main__":
     if "--quick" in sys.argv:  # the rows' first reading only
         sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0", "--minutes",
                                                               "5"]
+    shown = dict(ROWS)  # the report shows every reading, whatever this invocation trains to
     if "--minutes" in sys.argv:  # --minutes M: the readings up to M minutes only (a later run goes on from there)
         at = sys.argv.index("--minutes")
         cap = int(sys.argv[at + 1])
         del sys.argv[at : at + 2]
         ROWS.update({n: replace(r, minutes=tuple(m for m in r.minutes if m <= cap)) for n, r in ROWS.items()})
     sys.exit(grid.main(__doc__.splitlines()[0], ROWS, RESULTS, run_one, REPORT,
-                       lambda: write_report(TABLES, REPORT, ROWS, TASKS), seeded=lambda n: ROWS[n].trains,
+                       lambda: write_report(TABLES, REPORT, shown, TASKS), seeded=lambda n: ROWS[n].trains,
                        done=is_done))

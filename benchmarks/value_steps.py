@@ -97,7 +97,9 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
         return []
     cpus = sorted({s["step_matched"]["cpu"] for _, s in matched} | {c["cpu"] for c in checks})
     runs_matched = len({(r["row"], r["seed"]) for r, _ in matched})
-    out = [f"Readings marked {mark.strip()} were made on another CPU ({', '.join(cpus)}) at the step count the "
+    dates = sorted({s["step_matched"]["date"] for _, s in matched})
+    when = f", {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "") if dates else ""
+    out = [f"Readings marked {mark.strip()} were made on another CPU ({', '.join(cpus)}{when}) at the step count the "
            "tables' CPU reached by that reading (`pocketzo train --stop-at-step`; `benchmarks/value_steps.py`): "
            "the weights after a step should not depend on the CPU (the checks below test it), the minutes do. "
            f"Their FE counts the reading's minutes on the tables' CPU. {_count(len(matched), 'reading')} of "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import grid  # noqa: E402
 import pytest  # noqa: E402
 import value_steps  # noqa: E402
 from report_value import write_report  # noqa: E402 (a benchmark script beside its results)
@@ -63,6 +64,15 @@ def test_a_step_target_is_the_seeds_own_reading_else_the_other_seeds_mean_else_t
     assert value_steps.target([{"seed": 0, "stages": []}], 0, 5) is None
 
 
+def test_a_result_extended_on_another_cpu_keeps_the_machine_it_was_made_on(tmp_path):
+    made = {k: v for k, v in _result(0, 0.8, 0.5, None).items() if k not in ("row", "seed")}  # CPU not recorded
+    saved = grid.save(tmp_path, "rt-zo-sgd", 0, made)
+    assert "cpu" not in saved and saved["machine"] == made["machine"] and saved["date"] == made["date"]
+    fresh = grid.save(tmp_path, "rt-zo-sgd", 1, {"task": "rt"})
+    assert fresh["cpu"] == grid.cpu_model() and grid.cpu_model() in fresh["machine"]
+    assert json.loads((tmp_path / "rt-zo-sgd-s1.json").read_text(encoding="utf-8")) == fresh
+
+
 def test_a_reading_made_again_on_another_cpu_must_agree_with_the_tables():
     reference = _stage(5, 150)
     assert value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.4000001}}), "X")["loss_here"] == 0.4000001
@@ -78,7 +88,8 @@ def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as
         r["stages"][0]["eval"]["loss"] = 0.4
         r["stages"].append({**r["stages"][0], "minutes": 15, "steps": 610, "train_seconds": 1800.0,
                             "eval": {"accuracy": accuracy + 0.02, "auc": 0.9},
-                            "step_matched": {"cpu": "Other CPU", "source": "15 min at 1.5 s a step"}})
+                            "step_matched": {"cpu": "Other CPU", "date": "2026-12-04",
+                                             "source": "15 min at 1.5 s a step"}})
         r["checks"] = [{"minutes": 5, "steps": 200, "cpu": "Other CPU", "loss_reference": 0.4, "loss_here": 0.40002}]
         _write(results / f"rt-zo-sgd-s{seed}.json", r)
     write_report(results, report, {"rt-zo-sgd": ROWS["rt-zo-sgd"]}, {"rt": TASKS["rt"]})
@@ -87,5 +98,6 @@ def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as
     assert row[3:5] == ["81.0 ± 1.4", "83.0 ± 1.4 †"]  # 5 min measured, 15 min matched
     assert row[-2] == "1,800"  # FE: 15 minutes on the tables' CPU over its 0.5 s forward, not the 1,800 s taken here
     assert "rt-zo-sgd s1 at 15 min: step 610 (15 min at 1.5 s a step)" in text
+    assert "made on another CPU (Other CPU, 2026-12-04) at the step count" in text
     assert re.search(r"Checks: 2 readings .* at most 5\.0e-05 of the loss", text)
     assert "## Runs on other machines" not in text

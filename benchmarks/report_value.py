@@ -193,26 +193,6 @@ def _defaults(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def _held_lr_note(runs: dict[str, list[dict]]) -> list[str]:
-    """The ``best`` runs made while its recipe had a constant lr: their readings stand only where the recipe's
-    schedule still held the lr (its first ``hold_steps`` steps); a later reading would be another recipe's."""
-    from pocketzo.zo_trainer.recipes import RECIPES  # noqa: PLC0415
-
-    hold = RECIPES["best"]["hold_steps"]
-    old = [r for name, rs in runs.items() if name.endswith("-best") for r in rs
-           if "--schedule constant" in r.get("command", "")]
-    for r in old:
-        if any(stage["steps"] > hold for stage in r["stages"]):
-            raise SystemExit(f"{r['row']} seed {r['seed']}: run at a constant lr past step {hold}, where the best "
-                             f"recipe's lr falls: delete benchmarks/value/{r['row']}-s{r['seed']}.json and its run "
-                             "directory, and run it again")
-    if not old:
-        return []
-    return [f"{len(old)} of the `best` runs were made before the recipe's lr began to fall after step {hold} "
-            "(their commands say `--schedule constant`); every reading of theirs was taken before that step, "
-            "where the two are the same, so they stand.", ""]
-
-
 def _other_machines(results: Path, tables: dict[str, list[dict]]) -> list[str]:
     """The runs made on another CPU than the tables' (``results/other-machines``), listed apart: a reading at a
     number of training minutes depends on the CPU, so they enter no table, target or default."""
@@ -260,7 +240,6 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
         "speaker lines in %, AUC and perplexity as they are, mean ± std over the seeds run; AUC: of the label "
         "scores (two labels: of the margin), which a moved decision threshold cannot raise.",
         "",
-        *_held_lr_note(runs),
         *value_steps.report_lines(runs, MATCHED),
     ]
     for task in tasks:

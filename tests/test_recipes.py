@@ -16,7 +16,7 @@ from pocketzo.zo_trainer.recipes import CANDIDATES, DEFAULTS, RECIPES, choose_re
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from report_value import _held_lr_note, mean_ranks  # noqa: E402 (a benchmark script beside its results)
+from report_value import mean_ranks  # noqa: E402 (a benchmark script beside its results)
 
 RESULTS = BENCHMARKS / "value"
 
@@ -93,23 +93,3 @@ def test_the_default_is_the_best_ranked_recipe_measured(graph):
     assert ranks[DEFAULTS[graph]] == best, f"on {tasks}: mean ranks {ranks}"
 
 
-def test_a_best_run_at_a_constant_lr_stands_only_while_the_recipe_holds_its_lr():
-    """Runs of `best` made before its lr began to fall are the same function of the seed up to hold_steps: a
-    reading taken there stands (and is said to); one taken later is refused."""
-    hold = RECIPES["best"]["hold_steps"]
-    run = {"row": "rt-best", "seed": 1, "command": "pocketzo train --recipe best --schedule constant",
-           "stages": [{"minutes": 5, "steps": hold - 20}]}
-    assert "1 of the `best` runs" in " ".join(_held_lr_note({"rt-best": [run]}))
-    assert _held_lr_note({"rt-best": [{**run, "command": "pocketzo train --recipe best"}]}) == []
-    run["stages"].append({"minutes": 15, "steps": hold + 1})
-    with pytest.raises(SystemExit, match="rt-best seed 1: run at a constant lr past step"):
-        _held_lr_note({"rt-best": [run]})
-
-
-def test_the_committed_best_runs_all_stand():
-    runs: dict[str, list[dict]] = {}
-    for path in sorted(RESULTS.glob("*-best-s*.json")):
-        result = json.loads(path.read_text(encoding="utf-8"))
-        runs.setdefault(result["row"], []).append(result)
-    assert runs
-    _held_lr_note(runs)  # raises if a committed reading is another recipe's

@@ -367,3 +367,47 @@ def test_float32_noise_is_judged_against_float64_autograd(scale, passes):
     else:
         with pytest.raises(ExportError, match=r"grad/w differs from PyTorch autograd"):
             gradient_parity._compare(*args)
+
+
+class _TwoTensors(torch.nn.Module):
+    """A head with a lower tensor ``v`` and an upper ``w``; ``drift`` moves v's gradient (not the loss, at v = 1)
+    by drift x input, as a float32 error in the lower layers would."""
+
+    def __init__(self, drift: float):
+        super().__init__()
+        self.net = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.ones(4)) for n in ("v", "w")})
+        self.drift = drift
+
+    def forward(self, input_ids, attention_mask, labels):
+        x, v, w = input_ids.float(), self.net["v"], self.net["w"]
+        return ((v * x).sum() + self.drift * ((v - 1) * x).sum() + (w * x).sum(),)
+
+
+class _UpperSession:
+    """An ONNX Runtime stand-in for a graph that differentiates only ``w``, its gradient ``scale`` x the true one."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def run(self, names, feed):
+        x = feed["input_ids"].astype(np.float32)
+        return [np.float32((feed["v"] * x).sum() + (feed["w"] * x).sum()), (self.scale * x).astype(np.float32)]
+
+
+@pytest.mark.parametrize("scale, passes", [(1 + 3e-5, True), (2.0, False)])
+def test_a_graph_of_the_top_layers_is_held_to_the_whole_trainable_sets_float32_noise(scale, passes):
+    """--gradient-layers: the graph differentiates w only, but PyTorch's float32 error (2e-5, on v) is measured
+    over v and w, as for the uncut graph; so w off by 3e-5 passes, as it would uncut. Measured on w alone the
+    noise would be 0 and the bound the 1e-5 tolerance. A wrong gradient still fails."""
+    from pocketzo.export import gradient_parity
+
+    sample = (torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    args = (_UpperSession(scale), _TwoTensors(0.0), lambda: _TwoTensors(2e-5).double(), sample,
+            {"v": np.ones(4, np.float32), "w": np.ones(4, np.float32)}, ["w"], TOLERANCE, "")
+    if passes:
+        record = gradient_parity._compare(*args)
+        assert record["float64"]["torch_float32_error"] == pytest.approx(2e-5, rel=1e-3)
+        assert TOLERANCE < record["float64"]["max_error"] <= record["float64"]["bound"]
+    else:
+        with pytest.raises(ExportError, match=r"grad/w differs from PyTorch autograd"):
+            gradient_parity._compare(*args)

@@ -7,6 +7,12 @@ Per tensor (and for the loss), the error is max |onnx - torch| / max(1, max |tor
 by 3.5e-5. So a tensor over the tolerance is judged again against float64 autograd, where ONNX Runtime
 may be off by ``NOISE`` times PyTorch's own float32 error; a wrong gradient (a scale, a lost term) is off
 by far more. The worst tensor is named when the check fails, and recorded in ``export.gradient_parity``.
+
+PyTorch's float32 error is measured over the whole trainable set, also when the graph differentiates only
+its top layers (``--gradient-layers``): it is the model's yardstick, and a graph cut at layer 22 must not
+be held to a tighter one than the uncut graph. On SmolLM2-135M with LoRA at random values, ONNX Runtime's
+error on the top 8 layers' tensors is about 10x PyTorch's there (2.5e-5 against 2.4e-6), the same as in
+the uncut graph, whose lower layers' PyTorch error (2.4e-5) set a bound the cut graph also meets.
 """
 
 from __future__ import annotations
@@ -113,8 +119,12 @@ def _compare(session: Any, head: nn.Module, precise: Callable[[], nn.Module], sa
     record = {"loss_onnx": float(got[0]), "loss_torch": float(want[0]), "max_error": error, "worst_tensor": worst}
     if error <= tolerance:
         return record
-    reference = _autograd(precise(), sample, values, exact)
-    noise = max(_error(w, e) for w, e in zip(want, reference, strict=True))
+    trainable = list(values)  # the noise of the whole trainable set, not only of the differentiated tensors
+    single = _autograd(head, sample, values, trainable) if trainable != exact else want
+    double = _autograd(precise(), sample, values, trainable)
+    noise = max(_error(w, e) for w, e in zip(single, double, strict=True))
+    at = {n: i + 1 for i, n in enumerate(trainable)}
+    reference = [double[0], *(double[at[n]] for n in exact)]
     worst, error = _worst(names, got, reference)
     bound = max(tolerance, NOISE * noise)
     record["float64"] = {"max_error": error, "worst_tensor": worst, "torch_float32_error": noise, "bound": bound}

@@ -80,7 +80,7 @@ def _metric_cell(evals: list[dict], metric: str) -> str:
     return _stat([e[metric] for e in evals if e.get(metric) is not None], percent=metric in PERCENT)
 
 
-def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]:
+def _task_table(task: str, rows: dict, runs: dict[str, list[dict]], elsewhere: set[str]) -> list[str]:
     metrics = METRICS[task]
     unit = _forward_unit(runs, task)
     extra = {"rt": ["out of domain"], "hamlet": ["speaker lines"]}.get(task, [])
@@ -93,7 +93,8 @@ def _task_table(task: str, rows: dict, runs: dict[str, list[dict]]) -> list[str]
             continue
         got = runs.get(name, [])
         if not got:
-            lines.append(f"| {name} | {row.what} | not run yet |" + " |" * (len(head) - 3))
+            where = "run on other CPUs only (listed apart)" if name in elsewhere else "not run yet"
+            lines.append(f"| {name} | {row.what} | {where} |" + " |" * (len(head) - 3))
             continue
         if not row.trains:  # one evaluation, the same at every reading
             e = [r["eval"] for r in got]
@@ -243,7 +244,7 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
         *value_steps.report_lines(runs, MATCHED),
     ]
     for task in tasks:
-        out += [f"## {task}", "", *_task_table(task, rows, runs), ""]
+        out += [f"## {task}", "", *_task_table(task, rows, runs, set(_load(results / "other-machines"))), ""]
         figure = report.parent / "img" / f"value-{task}.png"
         figure.parent.mkdir(exist_ok=True)
         if _curves(task, rows, runs, figure):

@@ -41,11 +41,16 @@ def test_other_machine_runs_are_listed_apart(tmp_path):
     report.parent.mkdir()
     _write(results / "rt-zo-sgd-s0.json", _result(0, 0.805, 0.46, None))  # the tables' CPU (not recorded)
     _write(results / "other-machines" / "rt-zo-sgd-s1.json", _result(1, 0.901, 0.83, "Some Other CPU"))
-    write_report(results, report, {"rt-zo-sgd": ROWS["rt-zo-sgd"]}, {"rt": TASKS["rt"]})
+    elsewhere = {**_result(0, 0.7, 0.83, "Some Other CPU"), "row": "rt-fzoo"}  # a row run on another CPU only
+    _write(results / "other-machines" / "rt-fzoo-s0.json", elsewhere)
+    rows = {n: ROWS[n] for n in ("rt-zo-sgd", "rt-fzoo", "rt-best")}
+    write_report(results, report, rows, {"rt": TASKS["rt"]})
     text = report.read_text(encoding="utf-8")
     tables, _, apart = text.partition("## Runs on other machines")
     row = next(line for line in tables.splitlines() if line.startswith("| rt-zo-sgd |"))
     assert "| 1 | 80.5 |" in row and "90.1" not in tables  # one seed, the tables' run alone
+    assert re.search(r"\| rt-fzoo \|[^\n]*\| run on other CPUs only \(listed apart\) \|", tables)
+    assert re.search(r"\| rt-best \|[^\n]*\| not run yet \|", tables)
     assert "| rt-zo-sgd | 1 | Some Other CPU |" in apart and "accuracy 90.1" in apart
     assert "rt: 0.460 s" in apart  # the tables' forward-equivalent beside the other CPU's 0.830 s
 

@@ -243,8 +243,9 @@ def write_report(results: Path, report: Path, rows: dict, tasks: dict) -> None:
         "",
         *value_steps.report_lines(runs, MATCHED),
     ]
+    elsewhere = set(_load(results / "other-machines"))
     for task in tasks:
-        out += [f"## {task}", "", *_task_table(task, rows, runs, set(_load(results / "other-machines"))), ""]
+        out += [f"## {task}", "", *_task_table(task, rows, runs, elsewhere), ""]
         figure = report.parent / "img" / f"value-{task}.png"
         figure.parent.mkdir(exist_ok=True)
         if _curves(task, rows, runs, figure):

@@ -146,9 +146,20 @@ def _samples(runs: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def _mean_points(runs: list[dict], minutes: tuple[int, ...], metric: str, scale: float) -> list[tuple[float, float]]:
+    """(minutes, the mean over ``runs`` of ``metric``) from zero-shot at 0, at each reading every run has."""
+    points = [(0.0, scale * statistics.mean(r["zero_shot"][metric] for r in runs))]
+    for t in minutes:
+        at = [s["eval"][metric] for r in runs if (s := _stage(r, t))]
+        if len(at) == len(runs):
+            points.append((float(t), scale * statistics.mean(at)))
+    return points
+
+
 def _curves(task: str, rows: dict, runs: dict[str, list[dict]], path: Path) -> bool:
     """The task's figure: its first metric against training minutes, per trained row (the mean over seeds at
-    each reading every seed has, from the zero-shot point at 0), the untrained rows as lines."""
+    each reading every seed has, from the zero-shot point at 0; a later reading only some seeds have, as those
+    seeds' own curve), the untrained rows as lines."""
     from pocketzo.plots import curves_figure  # noqa: PLC0415 (matplotlib, loaded only to draw)
 
     metric = METRICS[task][0]
@@ -162,13 +173,14 @@ def _curves(task: str, rows: dict, runs: dict[str, list[dict]], path: Path) -> b
         if not row.trains:
             levels[label] = scale * statistics.mean(r["eval"][metric] for r in got)
             continue
-        points = [(0.0, scale * statistics.mean(r["zero_shot"][metric] for r in got))]
-        for t in row.minutes:
-            at = [s["eval"][metric] for r in got if (s := _stage(r, t))]
-            if len(at) == len(got):
-                points.append((float(t), scale * statistics.mean(at)))
+        points = _mean_points(got, row.minutes, metric, scale)
         if len(points) > 1:
             curves[label] = points
+        longest = max((r["stages"][-1]["minutes"] for r in got if r.get("stages")), default=None)
+        few = [r for r in got if _stage(r, longest)]
+        if 0 < len(few) < len(got):  # a later reading only some seeds have: those seeds' own curve, named
+            curves[f"{label}, seed {', '.join(str(r['seed']) for r in few)}"] = _mean_points(few, row.minutes,
+                                                                                         metric, scale)
     if not curves:
         return False
     unit = " (%)" if scale == 100 else ""

@@ -106,3 +106,23 @@ def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as
     assert "made on another CPU (Other CPU, 2026-12-04) at the step count" in text
     assert re.search(r"Checks: 2 readings .* at most 5\.0e-05 of the loss", text)
     assert "## Runs on other machines" not in text
+
+
+def test_a_reading_only_some_seeds_have_is_drawn_as_those_seeds_own_curve(tmp_path, monkeypatch):
+    import pocketzo.plots
+
+    drawn = {}
+    monkeypatch.setattr(pocketzo.plots, "curves_figure", lambda curves, levels, *_: drawn.update(curves))
+    results, report = tmp_path / "value", tmp_path / "docs" / "value.md"
+    report.parent.mkdir()
+    for seed, accuracy in ((0, 0.80), (1, 0.82)):
+        result = _result(seed, accuracy, 0.46, None)
+        result["stages"].append({**result["stages"][0], "minutes": 15, "eval": {"accuracy": accuracy + 0.02}})
+        if seed == 1:
+            result["stages"].append({**result["stages"][0], "minutes": 60, "eval": {"accuracy": 0.78}})
+        _write(results / f"rt-zo-sgd-s{seed}.json", result)
+    write_report(results, report, {"rt-zo-sgd": ROWS["rt-zo-sgd"]}, {"rt": TASKS["rt"]})
+    def flat(points):
+        return [x for point in points for x in point]
+    assert flat(drawn["zo-sgd"]) == pytest.approx([0, 76.0, 5, 81.0, 15, 83.0])  # one seed's 60 min not mixed in
+    assert flat(drawn["zo-sgd, seed 1"]) == pytest.approx([0, 76.0, 5, 82.0, 15, 84.0, 60, 78.0])

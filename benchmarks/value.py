@@ -170,16 +170,17 @@ def _reference_runs(name: str) -> list[dict]:
 
 
 def step_matchable(name: str) -> bool:
-    """On another CPU: whether the tables' CPU has trained ``name`` (so its runs here are read at its steps)."""
-    row = ROWS[name]
+    """On another CPU: whether the tables' CPU has trained ``name`` (so its runs here are read at its steps), and
+    no check of the row on this CPU has disagreed."""
+    row, runs = ROWS[name], _reference_runs(name)
     return (not ON_REFERENCE and row.trains and not row.pytorch
-            and any(value_steps.reference_stages(r) for r in _reference_runs(name)))
+            and any(value_steps.reference_stages(r) for r in runs) and not value_steps.failed(runs, CPU))
 
 
 def run_step_matched(row: Row, seed: int) -> None:
     """On another CPU: train to each reading's step on the tables' CPU in turn (``value_steps.target``), resuming
-    the run. A reading the tables already have for this seed is made again as a check; the others are saved,
-    marked ``step_matched``, into the tables' result of this seed."""
+    the run. A reading the tables already have for this seed is made again as a check (one that disagrees is saved
+    and stops the run); the others are saved, marked ``step_matched``, into the tables' result of this seed."""
     files = ensure_inputs(row)
     run = MATCHED_RUNS / f"{row.name}-s{seed}"
     path = TABLES / f"{row.name}-s{seed}.json"
@@ -197,7 +198,8 @@ def run_step_matched(row: Row, seed: int) -> None:
         stop = ["--stop-at-step", str(goal.steps)]
         if not done:
             cmd, summary = _train(row, seed, files, run, [*row.flags, *stop])
-            result.update(command=_shown(cmd, run), zero_shot=summary["initial_eval"])
+            result.setdefault("command", _shown(cmd, run))  # the tables' own, when they have this seed
+            result.setdefault("zero_shot", summary["initial_eval"])
         else:
             subprocess.run([sys.executable, "-m", "pocketzo", "train", "--resume", str(run), "--quiet", *stop],
                            cwd=grid.ROOT, check=True, stderr=subprocess.DEVNULL)
@@ -206,7 +208,10 @@ def run_step_matched(row: Row, seed: int) -> None:
         stage = _stage_of(row, minutes, summary, files, run)
         if goal.reference is not None:
             result["checks"] = [c for c in result.get("checks", []) if c["minutes"] != minutes]
-            result["checks"].append(value_steps.check(goal.reference, stage, CPU))
+            result["checks"].append(check := value_steps.check(goal.reference, stage, CPU))
+            if not check["agrees"]:
+                grid.save(TABLES, row.name, seed, result)
+                raise SystemExit(value_steps.disagreement(check))
         else:
             stage["step_matched"] = {"cpu": CPU, "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
                                      "source": goal.source}

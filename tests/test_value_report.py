@@ -80,9 +80,12 @@ def test_a_result_extended_on_another_cpu_keeps_the_machine_it_was_made_on(tmp_p
 
 def test_a_reading_made_again_on_another_cpu_must_agree_with_the_tables():
     reference = _stage(5, 150)
-    assert value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.4000001}}), "X")["loss_here"] == 0.4000001
-    with pytest.raises(SystemExit, match="differ"):
-        value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.41}}), "X")
+    close = value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.4000001}}), "X")
+    assert close["loss_here"] == 0.4000001 and close["agrees"]
+    parted = value_steps.check(reference, _stage(5, 150, **{"eval": {"loss": 0.41}}), "X")
+    assert not parted["agrees"] and "cannot be matched by step" in value_steps.disagreement(parted)
+    runs = [{"checks": [close]}, {"checks": [parted]}]
+    assert value_steps.failed(runs, "X") == [parted] and value_steps.failed(runs, "Y") == []
 
 
 def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as_their_compute(tmp_path):
@@ -106,6 +109,22 @@ def test_step_matched_readings_join_the_tables_marked_with_the_tables_minutes_as
     assert "made on another CPU (Other CPU, 2026-12-04) at the step count" in text
     assert re.search(r"Checks: 2 readings .* at most 5\.0e-05 of the loss", text)
     assert "## Runs on other machines" not in text
+
+
+def test_a_check_that_did_not_agree_is_listed_apart_from_those_that_did(tmp_path):
+    results, report = tmp_path / "value", tmp_path / "docs" / "value.md"
+    report.parent.mkdir()
+    r = _result(0, 0.80, 0.5, None)
+    r["checks"] = [{"minutes": 5, "steps": 200, "cpu": "Other CPU", "loss_reference": 0.4, "loss_here": 0.40002,
+                    "agrees": True},
+                   {"minutes": 15, "steps": 600, "cpu": "Other CPU", "loss_reference": 0.5, "loss_here": 0.501,
+                    "agrees": False}]
+    _write(results / "rt-zo-sgd-s0.json", r)
+    write_report(results, report, {"rt-zo-sgd": ROWS["rt-zo-sgd"]}, {"rt": TASKS["rt"]})
+    text = report.read_text(encoding="utf-8")
+    assert re.search(r"Checks: 1 reading .* at most 5\.0e-05 of the loss", text)  # the parted one not counted
+    assert ("- rt-zo-sgd s0 at 15 min (step 600) on Other CPU: test loss 0.501000 against 0.500000, 2.0e-03 of the "
+            "loss; at 5 min (step 200) it was 5.0e-05") in text
 
 
 def test_a_reading_only_some_seeds_have_is_drawn_as_those_seeds_own_curve(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ baseline) and evaluated again, so one run gives every reading and evaluation tim
 The run directory lives in ``benchmarks/work/value/runs/`` and the result in
 ``benchmarks/value/<row>-s<seed>.json`` is rewritten after each stage: a grid stopped mid-run resumes that run
 from its last stage. On another CPU than the tables', a row the tables' CPU has trained is read at that CPU's
-step counts instead (``value_steps``; run directories in ``benchmarks/work/value/step-matched/runs/``).
+step counts instead (``value_steps``; run directories in ``benchmarks/work/value/step-matched/runs/``),
+unless a check of the row disagreed on this CPU: its runs here are then listed apart, like a row the tables'
+CPU never trained (``benchmarks/value/other-machines/``).
 
 Tasks (data from ``pocketzo assets``), SmolLM2-135M-Instruct:
 
@@ -270,7 +272,8 @@ if __name__ == "__main__":
 
     if not ON_REFERENCE and "--report-only" not in sys.argv:
         print(f"bench-value: this CPU ({CPU}) is not the tables' ({value_steps.REFERENCE_CPU}): a row the tables' "
-              "CPU has trained is read at its step counts and joins the tables, marked; the others go to "
+              "CPU has trained is read at its step counts and joins the tables, marked, unless one of its checks "
+              "disagreed on this CPU; the others go to "
               f"{OTHER.relative_to(grid.ROOT)}/, which docs/value.md lists apart", file=sys.stderr)
     if "--quick" in sys.argv:  # the rows' first reading only
         sys.argv = [a for a in sys.argv if a != "--quick"] + ["--only", ",".join(QUICK), "--seeds", "0", "--minutes",

@@ -72,3 +72,13 @@ def test_zo_alone_on_perplexity_needs_a_lower_value_than_zo_sgd_at_60_minutes():
             "(perplexity 68.0, 1 seed): hamlet-best perplexity 66.3 at 15 min (3 seeds): **met**") in met[0]
     assert "(perplexity 68.0, 1 seed): hamlet-best perplexity 68.5 at 15 min (3 seeds): **not met**" in missed[0]
     assert "ZO-SGD's best reading is its 60-minute one" in met[0]
+
+
+def test_zo_alone_is_not_judged_without_a_60_minute_reading_of_zo_sgd():
+    def run(row, seed, readings):
+        return {"row": row, "seed": seed, "stages": [{"minutes": m, "eval": {"macro_f1": f}}
+                                                     for m, f in readings.items()]}
+    got = value_targets.lines({"tweets-zo-sgd": [run("tweets-zo-sgd", 0, {5: 0.47, 15: 0.42})],
+                               "tweets-best": [run("tweets-best", 0, {5: 0.50, 15: 0.58})]}, ROWS)
+    assert got == ["- ZO alone on tweets: the tables have no 60-minute reading of ZO-SGD to judge it against: "
+                   "**not judged**"]

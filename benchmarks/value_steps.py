@@ -69,6 +69,11 @@ def check(reference: dict, here: dict, cpu: str) -> dict:
             "loss_here": again, "agrees": abs(again - loss) <= AGREE * abs(loss)}
 
 
+def _apart(check: dict) -> float:
+    """How far apart a check's two test losses are, relative to the tables' CPU's."""
+    return abs(check["loss_here"] - check["loss_reference"]) / abs(check["loss_reference"])
+
+
 def disagreement(check: dict) -> str:
     """Why a check that does not agree stops the matching, in one line."""
     return (f"step {check['steps']}: the test loss on {check['cpu']} is {check['loss_here']:.6f}, on the tables' CPU "
@@ -119,7 +124,7 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
             for r, s in matched]
     agreed = [c for c in checks if c.get("agrees", True)]
     if agreed:
-        worst = max(abs(c["loss_here"] - c["loss_reference"]) / abs(c["loss_reference"]) for c in agreed)
+        worst = max(_apart(c) for c in agreed)
         out += ["", f"Checks: {_count(len(agreed), 'reading')} of the tables made again at the same step on the "
                 f"other CPU; the test losses differ by at most {worst:.1e} of the loss (a row is no longer matched "
                 f"on a CPU once they differ by more than {AGREE:g} there)."]
@@ -128,9 +133,9 @@ def report_lines(runs: dict[str, list[dict]], mark: str) -> list[str]:
         out += ["", "Checks that did not agree; these rows' runs on that CPU are listed apart, not matched:", ""]
         out += [f"- {r['row']} s{r['seed']} at {c['minutes']} min (step {c['steps']:,}) on {c['cpu']}: test loss "
                 f"{c['loss_here']:.6f} against {c['loss_reference']:.6f}, "
-                f"{abs(c['loss_here'] - c['loss_reference']) / abs(c['loss_reference']):.1e} of the loss"
+                f"{_apart(c):.1e} of the loss"
                 + "".join(f"; at {e['minutes']} min (step {e['steps']:,}) it was "
-                          f"{abs(e['loss_here'] - e['loss_reference']) / abs(e['loss_reference']):.1e}"
+                          f"{_apart(e):.1e}"
                           for e in r["checks"] if e["cpu"] == c["cpu"] and e.get("agrees", True))
                 for r, c in parted]
     spread = rate_spread(results)

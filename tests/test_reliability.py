@@ -18,7 +18,8 @@ import pytest
 from pocketzo.cli import main
 from pocketzo.errors import PocketzoError, TrainingError
 from pocketzo.runtime import Bundle, FlatParameters, _safetensors
-from pocketzo.zo_trainer import Method, RunPolicy, replay_run, resume, train
+from pocketzo.zo_trainer import RECIPES, Method, RunPolicy, replay_run, resume, train
+from pocketzo.zo_trainer.steplog import read_log
 from pocketzo.zo_trainer.trainer import make_trainer
 
 CFG = Method(steps=400, lr=2e-3, eps=1e-3, batch_size=8, seed=7, weight_decay=0.05, schedule="cosine",
@@ -194,6 +195,86 @@ def test_divergence_is_undone_backed_off_logged_and_replayed(bundles, sentiment_
     replayed = replay_run(bundles("llama-classify"), run / "log.bin")
     assert replayed.buffer.tobytes() == FlatParameters.from_bundle(Bundle(bundles("llama-classify")),
                                                                    run / "weights.safetensors").buffer.tobytes()
+
+
+def _scaled_losses(monkeypatch, factor):
+    """Every run's evaluator returns its real losses times ``factor(step)`` (the gradient, if any, unchanged)."""
+    def scaled_trainer(session, method, threads=0, cache=None):
+        trainer = make_trainer(session, method, threads, cache)
+        original = trainer.evaluator.evaluate
+
+        def evaluate(plan, batch):
+            e = original(plan, batch)
+            return replace(e, losses=tuple(v * factor(plan.step) for v in e.losses))
+
+        trainer.evaluator.evaluate = evaluate
+        return trainer
+
+    monkeypatch.setattr("pocketzo.zo_trainer.run.make_trainer", scaled_trainer)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bundle,recipe", [("llama-classify", "zo-sgd"), ("llama-norms-grad", "fo-adamw")])
+def test_an_ordinary_hard_batch_after_the_model_fits_is_not_undone(bundle, recipe, bundles, sentiment_files,
+                                                                   tmp_path, monkeypatch):
+    """Issue 40: the loss falls to near zero (x 0.005 from step 10); step 40's batch is 30x the recent median,
+    which the old limit (10x the median of the last 32 losses) undid. It stays under 10x the starting loss."""
+    _scaled_losses(monkeypatch, lambda step: 1.0 if step < 10 else 0.15 if step == 40 else 0.005)
+    method = Method(**{**RECIPES[recipe], "steps": 50, "batch_size": 8, "seed": 3})
+    summary = train(bundles(bundle), sentiment_files["train"], tmp_path / "run", method, replace(POLICY, eval_every=0))
+    records = _records(tmp_path / "run")
+    losses = [r.loss for r in read_log(tmp_path / "run" / "log.jsonl")]
+    assert losses[40] > 10 * np.median(losses[8:40])  # over the old rule's limit: this batch would have been undone
+    assert [r["status"] for r in records] == ["ok"] * 50
+    assert summary["undone_steps"] == 0 and summary["lr_scale"] == 1.0
+    assert len({r["lr"] for r in records}) == 1  # the lr was never backed off
+
+
+@pytest.mark.parametrize("bundle,recipe", [("llama-classify", "zo-sgd"), ("llama-norms-grad", "fo-adamw")])
+@pytest.mark.parametrize("blow_up", [1e3, float("inf")], ids=["x1000", "inf"])
+def test_a_real_divergence_after_the_model_fits_is_still_undone(blow_up, bundle, recipe, bundles, sentiment_files,
+                                                                 tmp_path, monkeypatch):
+    _scaled_losses(monkeypatch, lambda step: 1.0 if step < 10 else blow_up if step == 40 else 0.005)
+    method = Method(**{**RECIPES[recipe], "steps": 45, "batch_size": 8, "seed": 3})
+    summary = train(bundles(bundle), sentiment_files["train"], tmp_path / "run", method, replace(POLICY, eval_every=0))
+    records = _records(tmp_path / "run")
+    assert [r["step"] for r in records if r["status"] == "undone"] == [40]
+    assert summary["undone_steps"] == 1 and summary["lr_scale"] == POLICY.lr_backoff
+    assert records[41]["lr"] == pytest.approx(records[39]["lr"] * POLICY.lr_backoff)
+
+
+def _nan_at(steps: set[int]):
+    return lambda step: float("nan") if step in steps else 1.0
+
+
+def test_the_lr_comes_back_after_enough_good_steps(bundles, sentiment_files, tmp_path, monkeypatch):
+    _scaled_losses(monkeypatch, _nan_at({12, 13}))
+    policy = replace(POLICY, eval_every=0, lr_recover_steps=5)
+    cfg = Method(steps=40, lr=2e-3, batch_size=8, seed=3)
+    summary = train(bundles("llama-classify"), sentiment_files["train"], tmp_path / "run", cfg, policy)
+    lrs = [r["lr"] / cfg.lr for r in _records(tmp_path / "run")]
+    # two back-offs (steps 12, 13), each taken back after 5 good steps (14-18, 19-23)
+    assert lrs[:12] == [1.0] * 12 and lrs[14:19] == [0.25] * 5 and lrs[19:24] == [0.5] * 5 and lrs[24:] == [1.0] * 16
+    assert summary["lr_scale"] == 1.0 and summary["undone_steps"] == 2
+
+
+def test_a_run_resumed_while_its_lr_recovers_ends_bit_identical(bundles, sentiment_files, tmp_path, monkeypatch):
+    _scaled_losses(monkeypatch, _nan_at({12}))
+    policy = replace(POLICY, eval_every=0, checkpoint_every=0, lr_recover_steps=10)
+    cfg = Method(steps=40, lr=2e-3, batch_size=8, seed=3)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(bundles("llama-classify"), sentiment_files["train"], whole, cfg, policy)
+    train(bundles("llama-classify"), sentiment_files["train"], cut, cfg, replace(policy, stop_at_step=17))
+    state = json.loads(next((cut / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["good_steps"] == 4 and state["lr_scale"] == 0.5  # steps 13-16, in the middle of the recovery
+    resume(cut, {"stop_at_step": 0})
+    untimed = [[json.dumps({k: v for k, v in r.items() if "seconds" not in k}) for r in _records(run)]
+               for run in (whole, cut)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 40
+    assert _weights(cut / "weights.safetensors") == _weights(whole / "weights.safetensors")
 
 
 def test_an_undone_step_restores_the_weights_to_float32_rounding(bundles, sentiment_files):

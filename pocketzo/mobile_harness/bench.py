@@ -157,6 +157,7 @@ def _measure(mode: str, bundle_path: str, cfg: BenchConfig, baked_model: str | N
         session = open_session(bundle, session_config, method, split=cfg.split)
         out["load_s"] = time.perf_counter() - t0
         out["rss_loaded_mb"] = rss_mb()
+        out["rss_loaded_kinds_mb"] = rss_kinds_mb()  # mapped weights are paged in later, by the first forward
         out["trainable_parameters"] = session.params.numel
         sampler.mark("forward")
         out.update(_stats("forward", _timed(lambda: session.run(ids, mask, labels), cfg.steps, cfg.warmup)))

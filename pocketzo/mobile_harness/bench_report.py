@@ -22,7 +22,6 @@ def build_report(bundle: Bundle, cfg: BenchConfig, baked: dict, train: dict, fit
     """What ``pocketzo bench --json`` writes, from the baked and the training process's measurements."""
 
     tokens = cfg.batch_size * cfg.seq_len
-    loaded = train["rss_loaded_mb"]
     return {
         "bundle": str(bundle.path),
         "config": asdict(cfg),
@@ -52,17 +51,30 @@ def build_report(bundle: Bundle, cfg: BenchConfig, baked: dict, train: dict, fit
         "peak_rss_mb": train["peak_rss_mb"],
         "inference_peak_rss_mb": baked["peak_rss_mb"],
         "memory_ratio": train["peak_rss_mb"] / baked["peak_rss_mb"],
-        "rss_split_mb": {  # of the training process, from RSS at each phase
-            "interpreter_and_libraries": train["rss_base_mb"],
-            "weights_and_session": loaded - train["rss_base_mb"],
-            "activations_and_arena": train["peak_rss_mb"] - loaded,
-        },
+        "rss_split_mb": memory_split(train),
         "rss_end_mb": train.get("rss_end_mb"),  # anonymous / file-backed (mapped weights) after the steps
         "fits": fits,
         "timeline": {"train": train["timeline"], "baked": baked["timeline"]},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__},
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def memory_split(train: dict) -> dict[str, float]:
+    """The training process's peak RSS split by phase: the interpreter and libraries before the bundle opens; the
+    weights and session (what opening it took, plus the file-backed pages that grew after it: memory-mapped weights
+    are paged in by the first forward, not at load); the rest of the peak, the activations and ONNX Runtime's arena.
+    Without /proc (no RSS by kind) the mapped weights cannot be told apart and stay in the last part."""
+    base, loaded = train["rss_base_mb"], train["rss_loaded_mb"]
+    at_load, at_end = train.get("rss_loaded_kinds_mb") or {}, train.get("rss_end_mb") or {}
+    mapped = (max(0.0, at_end["file_backed"] - at_load["file_backed"])
+              if at_load.get("file_backed") is not None and at_end.get("file_backed") is not None else 0.0)
+    return {
+        "interpreter_and_libraries": base,
+        "weights_and_session": loaded - base + mapped,
+        "mapped_after_load": mapped,  # of weights_and_session: file-backed pages that grew after the bundle opened
+        "activations_and_arena": train["peak_rss_mb"] - loaded - mapped,
     }
 
 
@@ -83,8 +95,8 @@ def format_report(r: dict) -> list[str]:
         f"  peak RSS                  {r['peak_rss_mb']:,.0f} MB training, {r['inference_peak_rss_mb']:,.0f} MB "
         f"inference (ratio {r['memory_ratio']:.3f})",
         f"  training RSS split        {split['interpreter_and_libraries']:,.0f} MB interpreter+libraries, "
-        f"{split['weights_and_session']:,.0f} MB weights+session, {split['activations_and_arena']:,.0f} MB "
-        "activations+arena",
+        f"{split['weights_and_session']:,.0f} MB weights+session ({split.get('mapped_after_load', 0):,.0f} MB of it "
+        f"mapped weights paged in after load), {split['activations_and_arena']:,.0f} MB activations+arena",
     ]
     kinds = r.get("rss_end_mb") or {}
     if kinds.get("anonymous") is not None and kinds.get("file_backed") is not None:

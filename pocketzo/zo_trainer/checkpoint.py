@@ -26,7 +26,8 @@ from pocketzo.zo_trainer.steplog import LOG, LOG_BIN
 from pocketzo.zo_trainer.updates import State
 
 CHECKPOINTS, STATE, WEIGHTS = "checkpoints", "state.json", "weights.safetensors"
-STATE_VERSION = 3  # 3: the length of log.bin; 2: optimizer state
+STATE_VERSION = 4  # 4: good steps since the last lr back-off; 3: the length of log.bin; 2: optimizer state
+READABLE_VERSIONS = (3, 4)  # a version 3 checkpoint resumes with no good steps counted since its last back-off
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class CheckpointState:
     weights_sha256: str
     evals: list[dict] = field(default_factory=list)
     optimizer: dict = field(default_factory=dict)  # scalars, and the sha256 of each array file
+    good_steps: int = 0  # good steps in a row since the last lr back-off (counts towards taking it back)
     version: int = STATE_VERSION
 
 
@@ -73,7 +75,7 @@ def latest_checkpoint(run: Path, params: FlatParameters) -> CheckpointState | No
     for ckpt in sorted((p for p in (run / CHECKPOINTS).glob("step-*") if p.is_dir()), reverse=True):
         try:
             state = CheckpointState(**json.loads((ckpt / STATE).read_text(encoding="utf-8")))
-            if state.version != STATE_VERSION or sha256_file(ckpt / WEIGHTS) != state.weights_sha256:
+            if state.version not in READABLE_VERSIONS or sha256_file(ckpt / WEIGHTS) != state.weights_sha256:
                 raise ValueError("weights do not match the recorded sha256")
             _optimizer_arrays(ckpt, state.optimizer)
             params.load(ckpt / WEIGHTS)

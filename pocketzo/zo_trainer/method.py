@@ -187,8 +187,11 @@ class RunPolicy:
     eval_batch_size: int = 32
     checkpoint_every: int = 0  # steps between checkpoints (0: only on SIGINT/SIGTERM); resume with --resume
     keep_checkpoints: int = 2  # newest checkpoints kept
-    spike_factor: float = 10.0  # a loss above this x the median of the last 32 steps is a divergence (0: off)
+    # a loss above this x the larger of the last 32 good steps' median and the run's starting loss (the median of
+    # its first 8 good steps) is a divergence, and so is a non-finite one (0: only non-finite)
+    spike_factor: float = 10.0
     lr_backoff: float = 0.5  # lr multiplier after each undone step (non-finite or exploding loss)
+    lr_recover_steps: int = 50  # after this many good steps in a row, one back-off is taken back (0: never)
     max_failures: int = 5  # consecutive undone steps before the run stops
     memory_budget: str | None = None  # e.g. 3G: refuse to start a run that would not fit
     progress: bool = True  # a progress bar on stderr
@@ -211,6 +214,7 @@ class RunPolicy:
             (self.spike_factor == 0 or self.spike_factor > 1, "spike_factor must be 0 (off) or > 1"),
             (0 < self.lr_backoff <= 1 and self.max_failures >= 1, "lr_backoff must be in (0, 1] and "
              "max_failures >= 1"),
+            (self.lr_recover_steps >= 0, "lr_recover_steps must be >= 0 (0: a back-off is never taken back)"),
         ])
 
     def to_json(self) -> dict[str, Any]:

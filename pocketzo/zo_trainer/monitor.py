@@ -1,5 +1,11 @@
 """Watching a run: the divergence guard's loss limit, and the warning for a run that is not learning.
 
+The loss limit is ``spike_factor`` x the larger of two levels: the median of the last 32 good steps' losses,
+and the run's starting level (the median of its first 8 good steps). The ratio to the recent median alone
+failed once a model fitted: a cross-entropy's median falls towards zero, and a batch with one misclassified
+row then sits 30x above it, an ordinary batch taken for a divergence (issue 40). A loss under 10x the
+loss the run started from is not a divergence, however small the recent losses; a non-finite one always is.
+
 The stall check runs once, after min(100, steps / 2) steps. A run with a mid-run evaluation is judged
 by it: learning if the dev loss fell or the accuracy rose since step 0. Without one, by a trend test
 on the training loss: the least-squares slope of the steps' mean losses over the steps so far, which
@@ -17,6 +23,7 @@ from pocketzo.zo_trainer.method import Method
 from pocketzo.zo_trainer.trainer import StepRecord
 
 SPIKE_WINDOW = 32
+START_STEPS = 8  # the good steps whose median is the run's starting level
 STALL_CHECK, STALL_MIN_STEPS = 100, 20
 
 
@@ -42,7 +49,9 @@ def evals_improved(evals: list[dict]) -> bool | None:
 
 
 class RunMonitor:
-    """The mean loss of every good step, for the spike limit and the stall check."""
+    """The mean loss of every good step, for the spike limit and the stall check.
+
+    Everything here is derived from the log's records (a resumed run replays them into a new monitor)."""
 
     def __init__(self, method: Method, spike_factor: float):
         self.method, self.spike_factor = method, spike_factor
@@ -55,10 +64,14 @@ class RunMonitor:
             if len(self.losses) < STALL_CHECK:
                 self.losses.append(r.loss)
 
+    def start_level(self) -> float:
+        """The median loss of the run's first good steps (needs ``START_STEPS`` of them)."""
+        return statistics.median(self.losses[:START_STEPS])
+
     def loss_limit(self) -> float:
-        if not self.spike_factor or len(self.recent) < 8:
+        if not self.spike_factor or len(self.recent) < START_STEPS:
             return math.inf
-        return self.spike_factor * statistics.median(self.recent)
+        return self.spike_factor * max(statistics.median(self.recent), self.start_level())
 
     def stall_step(self) -> int:
         return min(STALL_CHECK, self.method.steps // 2)

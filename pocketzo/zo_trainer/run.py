@@ -62,7 +62,8 @@ class _Loop:
         self.steps_done = start.step if start else 0
         self.lr_scale = start.lr_scale if start else 1.0
         self.failures = start.failures if start else 0
-        self.undone = 0
+        self.good_steps = start.good_steps if start else 0  # good steps in a row since the last lr back-off
+        self.undone = 0  # undone steps in the whole run (a resumed run's earlier ones too)
         self.monitor = RunMonitor(self.trainer.method, policy.spike_factor)
         self.warnings: list[str] = []
         self.train_seconds = 0.0  # the steps' seconds (evaluations and checkpoints excluded), resumed runs' too
@@ -72,6 +73,7 @@ class _Loop:
             for r in read_log(run_dir / LOG)[: start.step]:
                 self.monitor.remember(r)
                 self.train_seconds += r.seconds
+                self.undone += r.status == "undone"
         self._signal: int | None = None
 
     @property
@@ -96,7 +98,7 @@ class _Loop:
         if not np.isfinite(self.session.params.buffer).all():  # cannot happen: undone steps restore theta
             raise TrainingError(f"step {self.steps_done}: the weights are not finite; not saving a checkpoint")
         state = CheckpointState(self.steps_done, self.lr_scale, self.failures, log.tell(), log_bin.tell(), "",
-                                self.evals)
+                                self.evals, good_steps=self.good_steps)
         save_checkpoint(self.run_dir, self.session.params, state, self.policy.keep_checkpoints, self.trainer.state)
         self.checkpointed_step = self.steps_done
 
@@ -157,14 +159,23 @@ class _Loop:
         return None
 
     def _after(self, record: StepRecord) -> None:
-        """Divergence handling: back off the learning rate after an undone step; stop after too many."""
+        """Divergence handling: back off the learning rate after an undone step, take one back-off back after
+        ``lr_recover_steps`` good steps in a row, stop after ``max_failures`` undone steps in a row."""
         policy = self.policy
         if record.status == "ok":
             self.failures = 0
             self.monitor.remember(record)
+            if self.lr_scale < 1 and policy.lr_recover_steps:
+                self.good_steps += 1
+                if self.good_steps >= policy.lr_recover_steps:
+                    self.lr_scale = min(1.0, self.lr_scale / policy.lr_backoff)
+                    self.good_steps = 0
+                    print(f"\nnote: {policy.lr_recover_steps} good steps since the last back-off; lr scale back to "
+                          f"{self.lr_scale:.3g}", file=sys.stderr)
             return
         self.failures += 1
         self.undone += 1
+        self.good_steps = 0
         self.lr_scale *= policy.lr_backoff
         print(f"\nnote: step {record.step} undone (mean loss {record.loss:.4g}, limit "
               f"{self.monitor.loss_limit():.4g}); lr x{policy.lr_backoff:g} -> scale {self.lr_scale:.3g}",
@@ -177,6 +188,8 @@ class _Loop:
         return {
             "steps": self.steps_done,
             "stopped_by": self.stopped_by,
+            "undone_steps": self.undone,
+            "lr_scale": self.lr_scale,
             "train_seconds": self.train_seconds,
             "forward_passes": self.forwards_per_step * self.steps_done,
             "perturbed_losses": self.steps_done * self.trainer.method.forwards_per_step(),

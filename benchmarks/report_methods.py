@@ -132,3 +132,28 @@ def write_report(results: Path, report: Path, rows: dict) -> None:
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(report)
+    if runs:
+        write_figure(runs, report.parent / "img" / FIGURE)
+
+
+FIGURE = "methods-memory-accuracy.png"  # also the README's figure
+LABELS = {"zo-sgd": "ZO (MeZO), 400 steps", "hybrid-adamw": "hybrid, 60 steps", "fo-adamw": "exact gradients, 60 steps",
+          "fo-adamw-micro4": "exact gradients, --micro-batch 4", "backprop": "PyTorch AdamW (reference)"}
+
+
+def write_figure(runs: dict[str, list[dict]], path: Path) -> None:
+    """Final accuracy against peak RSS per method, mean and std over the seeds."""
+    from pocketzo.plots import memory_accuracy_figure  # noqa: PLC0415 (matplotlib, loaded only to draw)
+
+    def spread(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    points = []
+    for name, label in LABELS.items():
+        if runs.get(name):
+            mb = spread([r["peak_rss_mb"] for r in runs[name]])
+            acc = spread([100 * r["curve"][-1]["accuracy"] for r in runs[name]])
+            points.append((label, *mb, *acc))
+    zero_shot = 100 * next(iter(runs.values()))[0]["curve"][0]["accuracy"]
+    memory_accuracy_figure(points, zero_shot, path, "SmolLM2-135M, Rotten Tomatoes, 35,136 norm weights, batch 16 "
+                           "(docs/methods.md)")

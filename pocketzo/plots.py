@@ -98,3 +98,27 @@ def curves_figure(curves: dict[str, list[tuple[float, float]]], levels: dict[str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def memory_accuracy_figure(points: list[tuple[str, float, float, float, float]], baseline: float, path: str | Path,
+                           title: str) -> Path:
+    """Accuracy against peak memory, one point per method (``points``: name, peak MB, its std, accuracy %, its
+    std), with the untrained model's accuracy as a horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (name, mb, mb_std, acc, acc_std) in enumerate(points):
+        ax.errorbar(mb / 1e3, acc, xerr=mb_std / 1e3, yerr=acc_std, fmt="os^Dv"[i % 5], ms=7, capsize=3,
+                    color=plt.cm.tab10(i % 10), label=name)
+    ax.axhline(baseline, color="#888", lw=1, ls="--", label=f"untrained ({baseline:.1f} %)")
+    ax.set_xlabel("peak RSS of the training process (GB)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=min(baseline, *(p[3] - p[4] for p in points)) - 1)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

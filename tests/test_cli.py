@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +105,56 @@ def test_device_commands_run_without_the_exporter_or_desktop_libraries(bundles, 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "runs on the desktop" in proc.stderr
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_cli_reference_lists_every_flag_and_is_current():
+    """docs/cli.md is generated from the parser: a new or renamed flag fails here until it is regenerated."""
+    from pocketzo.cli import build_parser
+    from pocketzo.cli_reference import reference
+
+    page = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {flag}" for name, sub in commands.choices.items() for a in sub._actions
+               for flag in a.option_strings if flag.lstrip("-") not in page and flag not in ("-h", "--help")]
+    assert not missing, f"docs/cli.md lacks {missing}: python -m pocketzo.cli_reference > docs/cli.md"
+    assert page == reference(), "docs/cli.md is stale: python -m pocketzo.cli_reference > docs/cli.md"
+
+
+def test_every_command_has_plain_help_and_an_example():
+    from pocketzo.cli import EXAMPLES, build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(EXAMPLES) == set(commands.choices)
+    for name, sub in commands.choices.items():
+        text = sub.format_help()
+        assert text.rstrip().endswith(f"example: {EXAMPLES[name]}"), name
+        assert EXAMPLES[name].startswith(f"pocketzo {name} ")
+        assert "``" not in text and "`" not in text, f"{name} --help has markup"
+        assert all(a.help for a in sub._actions), f"{name}: a flag without help"
+
+
+def test_the_readme_stays_a_newcomers_page():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; measurements belong in docs/"
+    for target in re.findall(r"\]\(((?:docs/)[^)#]+)", "\n".join(lines)):
+        assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
+def test_a_first_order_run_prints_no_onnx_runtime_warning(bundles, sentiment_files, tmp_path):
+    """The gradient session set session.disable_prepacking twice, and ONNX Runtime warned on every fo run."""
+    proc = _run("train", bundles("llama-norms-grad"), "--data", sentiment_files["train"], "--steps", "2",
+                "--batch-size", "4", "--out", tmp_path / "run", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "already exists" not in proc.stderr and "onnxruntime" not in proc.stderr, proc.stderr
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

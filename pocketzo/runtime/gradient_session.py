@@ -59,8 +59,7 @@ class GradientSession:
         # of 4.4 GB and ran as fast (1.82 vs 1.9 s; 2026-12-01); without prepacked weight copies at 3.1 GB
         # instead of 3.6 GB, forward and backward as fast (2026-12-02, 4 runs each).
         options = replace(config, cpu_mem_arena=False, mem_pattern=False).session_options(
-            bundle.weights_file_backed(path))
-        options.add_session_config_entry("session.disable_prepacking", "1")
+            bundle.weights_file_backed(path), prepacking=False)
         self.session = load_session(path, options)
         exact = bundle.manifest.gradient_tensors
         self.exact: tuple[str, ...] = tuple(s.name for s in params.specs) if exact is None else exact

@@ -53,9 +53,10 @@ class SessionConfig:
         if self.optimization not in _OPT_LEVELS:
             raise ValueError(f"optimization must be one of {sorted(_OPT_LEVELS)}, got {self.optimization!r}")
 
-    def session_options(self, file_backed: bool = False) -> ort.SessionOptions:
+    def session_options(self, file_backed: bool = False, prepacking: bool = True) -> ort.SessionOptions:
         """Options for a session over a graph; ``file_backed``: its weights can stay mapped
-        (``Bundle.weights_file_backed``), which ``map_weights`` then does."""
+        (``Bundle.weights_file_backed``), which ``map_weights`` then does; ``prepacking`` off: no prepacked
+        weight copies either way."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
@@ -64,8 +65,10 @@ class SessionConfig:
         so.graph_optimization_level = _OPT_LEVELS[self.optimization]
         so.log_severity_level = self.log_severity
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if file_backed and self.map_weights:
+        mapped = file_backed and self.map_weights
+        if mapped or not prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        if mapped:
             # folding Transpose(W) would write a transposed copy of every weight; unfolded, the MatMul reads W
             so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
         return so

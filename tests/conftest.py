@@ -151,10 +151,12 @@ def bundles(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_assets(request):
-    """The real assets (``pocketzo assets``) with the extras the test module's ``ASSETS`` names (encoder, gemma3)."""
+    """The real assets (``pocketzo assets``) with the extras the test module's ``ASSETS`` names: flags (encoder,
+    gemma3) or a dict of ``prepare_assets`` keywords (``{"qwen": ("0.5b",)}``)."""
     from pocketzo.export.assets import prepare_assets
 
-    return prepare_assets(progress=False, **dict.fromkeys(getattr(request.module, "ASSETS", ()), True))
+    extras = getattr(request.module, "ASSETS", ())
+    return prepare_assets(progress=False, **(extras if isinstance(extras, dict) else dict.fromkeys(extras, True)))
 
 
 @pytest.fixture(scope="module")

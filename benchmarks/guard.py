@@ -8,8 +8,9 @@ trained as a new user would (the default recipe of a bundle with a gradient grap
 
     python benchmarks/guard.py --task source --out benchmarks/guard/source-new.json
 
-One JSON per run: the guard's undone steps and lr scale, the lowest 32-step median of the training loss, and the
-dev accuracy before and after. ``--pocketzo DIR`` runs another checkout's pocketzo (the guard before the fix).
+One JSON per run: the guard's undone steps and lr scale, the lowest 32-step median of the training loss, the dev
+accuracy before and after, and where the guard before the fix would first have undone a step of this run
+(``old_rule_first_undo``). ``--pocketzo DIR`` runs another checkout's pocketzo (the guard before the fix).
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def make_data(task: str, out: Path) -> tuple[Path, Path]:
     return files["train"], files["dev"]
 
 
+def old_rule_first_undo(records) -> dict | None:
+    """Where the guard before the fix (limit: 10 x the median of the last 32 good losses, from the 8th on) would first
+    have undone a step of this run: a run is the same step for step up to there, so None says the old guard's run
+    would have been this very run."""
+    good: list[float] = []
+    for r in records:
+        if len(good) >= 8 and r.loss > 10 * statistics.median(good[-32:]):
+            return {"step": r.step, "loss": r.loss, "limit": 10 * statistics.median(good[-32:])}
+        if r.status == "ok":
+            good.append(r.loss)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
@@ -97,6 +111,7 @@ def main() -> None:
         "undone_steps": [r.step for r in records if r.status == "undone"],
         "first_lr": records[0].lr, "last_lr": records[-1].lr,
         "lowest_32_step_median_loss": min(medians),
+        "old_rule_first_undo": old_rule_first_undo(records),
         "evals": [{k: e[k] for k in ("step", "loss", "accuracy", "auc")} for e in summary["evals"]],
         "step_seconds_median": summary["step_seconds_median"], "peak_rss_mb": summary["peak_rss_mb"],
         "guard_notes": [line for line in done.stderr.splitlines()

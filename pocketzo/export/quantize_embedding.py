@@ -40,15 +40,8 @@ def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorPro
     """
     inits = {i.name: i for i in graph.initializer}
     head_bits = {n.input[1]: int_attribute(n, "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input) & frozen.keys():
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    tables = [name for name, nodes in readers.items()
-              if all(n.op_type == "Gather" and n.input[0] == name and int_attribute(n, "axis", 0) == 0 for n in nodes)
-              and name not in outputs and len(frozen[name].dims) == 2
-              and frozen[name].dims[1] % recipe.block_size == 0]
+    readers = gathered_tables(graph, frozen)
+    tables = [name for name in readers if frozen[name].dims[1] % recipe.block_size == 0]
     tied = fp32_bytes = 0
     for name in tables:
         table = frozen[name]
@@ -65,6 +58,18 @@ def quantize_embeddings(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorPro
         for gather in readers[name]:
             _replace_gather(graph, gather, blocks, int(table.dims[1]), bits, recipe.block_size)
     return {"tables": tables, "tied": tied, "fp32_bytes": fp32_bytes}
+
+
+def gathered_tables(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorProto]) -> dict[str, list[onnx.NodeProto]]:
+    """The 2-D frozen tables that only axis-0 Gathers read (and that are no graph output), with those Gathers."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input) & frozen.keys():
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    return {name: nodes for name, nodes in readers.items()
+            if all(n.op_type == "Gather" and n.input[0] == name and int_attribute(n, "axis", 0) == 0 for n in nodes)
+            and name not in outputs and len(frozen[name].dims) == 2}
 
 
 def int_attribute(node: onnx.NodeProto, name: str, default: int | None = None) -> int | None:

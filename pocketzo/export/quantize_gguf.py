@@ -27,6 +27,7 @@ from pocketzo.errors import ExportError
 from pocketzo.export.gguf_blocks import Blocks, unpack
 from pocketzo.export.linear_form import drop_unused, frozen_weights
 from pocketzo.export.quantize import _file_bytes, _interface, _prepare, _write
+from pocketzo.export.quantize_embedding import gathered_tables
 from pocketzo.export.qwen_convert import hf_name
 
 MS_DOMAIN = "com.microsoft"
@@ -55,10 +56,11 @@ def quantize_from_gguf(model_path: Path, gguf_path: Path) -> dict:
         _matmul(graph, nodes[node_name], blocks, weight[:-2])
         kinds[tensors[weight[:-2]].tensor_type.name] = kinds.get(tensors[weight[:-2]].tensor_type.name, 0) + 1
         replaced.add(weight)
-    tables = [name for name in _gathered_tables(graph, frozen) if name in tensors]
-    for name in tables:
+    readers = {name: nodes for name, nodes in gathered_tables(graph, frozen).items() if name in tensors}
+    tables = list(readers)
+    for name, gathers in readers.items():
         blocks = _blocks(tensors[name], numpy_helper.to_array(frozen[name]), name)
-        for gather in [n for n in graph.node if n.op_type == "Gather" and n.input[0] == name]:
+        for gather in gathers:
             _gather(graph, gather, blocks, name)
         kinds[tensors[name].tensor_type.name] = kinds.get(tensors[name].tensor_type.name, 0) + 1
     drop_unused(graph, replaced | set(tables))
@@ -83,17 +85,6 @@ def _blocks(tensor, weight: np.ndarray, name: str) -> Blocks:
         raise ExportError(f"--quantize gguf: {name} is not what the GGUF's blocks dequantize to; export the model "
                           "converted from this GGUF (pocketzo assets), or give --gguf the file it came from")
     return blocks
-
-
-def _gathered_tables(graph: onnx.GraphProto, frozen: dict[str, onnx.TensorProto]) -> list[str]:
-    """Frozen 2-D tables that only axis-0 Gathers read."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input) & frozen.keys():
-            readers.setdefault(name, []).append(node)
-    return [name for name, nodes in readers.items() if len(frozen[name].dims) == 2
-            and all(n.op_type == "Gather" and n.input[0] == name
-                    and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0 for n in nodes)]
 
 
 def _add(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
